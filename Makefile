@@ -1,0 +1,34 @@
+# Quickstart: `make demo` (sample shards -> captions on local Ray) and `make test` (CPU test suite).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: venv demo test test-gpu lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/python jobs/demo.py
+
+test: venv
+	$(BIN)/python -m pytest -m "not gpu" -q
+
+# On a CUDA machine: installs lmdeploy and runs the real-engine tests.
+test-gpu: venv
+	$(BIN)/python -m pip install -q -e '.[gpu]'
+	$(BIN)/python -m pytest -m gpu tests/gpu -v
+
+lint: venv
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: venv
+	$(BIN)/python bench/pipeline_bench.py
+
+clean:
+	rm -rf $(VENV) out samples

@@ -1,0 +1,187 @@
+"""Job configuration: one pydantic model, loaded from YAML and overridden by CLI flags.
+
+The `Field(description=...)` texts are the reference documentation (`python jobs/caption.py --help-config`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
+DEFAULT_PROMPT = "Describe this image in one detailed sentence."
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message names the field and what to do."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputConfig(_Strict):
+    parquet_image_columns: list[str] = Field(
+        ["jpg", "image", "png", "webp", "jpeg"],
+        description="Binary columns tried, in order, as the image bytes of Parquet inputs.",
+    )
+    parquet_key_column: str = Field("key", description="Parquet column used as the sample key when present.")
+    files_per_shard: int = Field(
+        1000, gt=0, description="Loose image files are grouped into work units of this many files."
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra fsspec storage options for the inputs (credentials and endpoint also come from "
+        "the usual environment, e.g. AWS_ENDPOINT_URL).",
+    )
+    on_unreadable_shard: Literal["error_rows", "fail"] = Field(
+        "error_rows",
+        description="A shard that stays unreadable after retries becomes error rows, or fails the run.",
+    )
+
+
+class PreprocessConfig(_Strict):
+    max_side: int = Field(448, gt=0, description="Images are resized so the long side is at most this.")
+    max_pixels: int = Field(
+        89_478_485, gt=0, description="Images with more pixels than this are refused (decompression bombs)."
+    )
+    batch_size: int = Field(32, gt=0, description="Rows per CPU preprocessing task call.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per preprocessing task.")
+
+
+class EngineConfig(_Strict):
+    backend: Literal["auto", "turbomind", "pytorch", "fake"] = Field(
+        "auto",
+        description="lmdeploy backend; 'auto' picks TurboMind when it supports the model, else PyTorch. "
+        "'fake' is a deterministic CPU stand-in whose captions are placeholders.",
+    )
+    model: str = Field(DEFAULT_MODEL, description="Hugging Face model id or local path of the VLM.")
+    tp: int = Field(1, ge=1, description="Tensor parallel degree: GPUs per engine actor.")
+    session_len: int | None = Field(4096, gt=0, description="Max tokens per request (prompt+image+output).")
+    cache_max_entry_count: float = Field(0.8, gt=0, le=1, description="Share of free GPU memory for KV cache.")
+    max_batch_size: int | None = Field(None, gt=0, description="Engine's max concurrent requests.")
+    quant_policy: Literal[0, 4, 8] = Field(0, description="KV cache quantisation: 0 (off), 4 or 8 bit.")
+    trust_remote_code: bool = Field(False, description="Allow model repositories to run their own code.")
+    chat_template: str | None = Field(None, description="lmdeploy chat template name to force.")
+    vision_max_batch_size: int = Field(8, gt=0, description="lmdeploy VisionConfig.max_batch_size.")
+    fake_delay_s: float = Field(0.0, ge=0, description="Fake engine only: sleep per batch to emulate GPU time.")
+    fake_crash_at_batch: int | None = Field(
+        None,
+        ge=1,
+        description="Fake engine only (fault drills): the actor process dies on its Nth batch, once per job.",
+    )
+
+
+class GenerationConfig(_Strict):
+    max_new_tokens: int = Field(96, gt=0, description="Caption length limit in tokens.")
+    temperature: float = Field(0.0, ge=0, description="0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(1, ge=0)
+    repetition_penalty: float = Field(1.05, gt=0)
+    random_seed: int | None = Field(0, description="Seed for sampling; fixed for reproducible captions.")
+
+
+class ScaleConfig(_Strict):
+    batch_size: int = Field(32, gt=0, description="Images per engine call (fixed-size batches to the GPU).")
+    min_actors: int = Field(1, ge=1, description="Engine actors kept alive.")
+    max_actors: int = Field(1, ge=1, description="Engine actors the pool may grow to.")
+    max_batches_in_flight: int = Field(2, ge=1, description="Batches queued per engine actor.")
+
+    @model_validator(mode="after")
+    def _pool(self) -> ScaleConfig:
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})")
+        return self
+
+
+class OutputConfig(_Strict):
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="Extra fsspec options for the output.")
+    max_error_rate: float = Field(
+        1.0, ge=0, le=1, description="Fail the run (after committing) when more than this share of rows are errors."
+    )
+    reuse_captions: bool = Field(
+        True,
+        description="Reuse captions of identical image bytes from earlier runs with the same model/prompt/"
+        "generation settings instead of a GPU pass.",
+    )
+    lock_ttl_s: float = Field(120.0, gt=0, description="A run's lease on the output expires this long after its last heartbeat.")
+
+
+class JobConfig(_Strict):
+    inputs: list[str] = Field(..., min_length=1, description="Input URIs or globs (any fsspec protocol).")
+    output: str = Field(..., min_length=1, description="Output table URI (local path, s3://, gs://, az://).")
+    prompt: str = Field(DEFAULT_PROMPT, min_length=1, description="Instruction sent with every image.")
+    input: InputConfig = Field(default_factory=InputConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    scale: ScaleConfig = Field(default_factory=ScaleConfig)
+    sink: OutputConfig = Field(default_factory=OutputConfig)
+
+    @property
+    def model_label(self) -> str:
+        return "fake" if self.engine.backend == "fake" else self.engine.model
+
+
+# CLI flag -> dotted config path. CLI values win over the YAML file.
+CLI_FIELDS = {
+    "input": "inputs",
+    "output": "output",
+    "engine": "engine.backend",
+    "model": "engine.model",
+    "prompt": "prompt",
+    "batch_size": "scale.batch_size",
+    "tp": "engine.tp",
+    "min_actors": "scale.min_actors",
+    "max_actors": "scale.max_actors",
+    "max_side": "preprocess.max_side",
+    "max_new_tokens": "generation.max_new_tokens",
+    "fake_delay": "engine.fake_delay_s",
+    "max_error_rate": "sink.max_error_rate",
+}
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """YAML file (optional) + CLI overrides (flag name -> value, None = not given) -> validated JobConfig."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"--config {path}: cannot read YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {path}: top level must be a mapping of config fields")
+    for flag, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = CLI_FIELDS[flag].split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    for k in ("inputs", "output"):
+        if k not in data:
+            flag = "--input" if k == "inputs" else "--output"
+            raise ConfigError(f"{k}: missing; pass {flag} or set '{k}' in the config file")
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        flags = [f"--{f.replace('_', '-')}" for f, p in CLI_FIELDS.items() if p == where]
+        hint = f" (flag {flags[0]})" if flags else ""
+        raise ConfigError(f"{where}: {err['msg']}; got {err.get('input')!r}. Fix '{where}' in the config file{hint}.") from None
+
+
+def generation_fingerprint(cfg: JobConfig) -> dict[str, Any]:
+    """Everything that determines a caption for given image bytes; equal fingerprints may share captions."""
+    return {
+        "model": cfg.model_label,
+        "prompt": cfg.prompt,
+        "max_side": cfg.preprocess.max_side,
+        "generation": cfg.generation.model_dump(),
+        "chat_template": cfg.engine.chat_template,
+    }

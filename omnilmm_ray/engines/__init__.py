@@ -1,0 +1,42 @@
+"""The engine interface: a batch of (prompt, image) pairs in, one Caption per pair out.
+
+Backends are imported lazily so the driver and CPU workers never import lmdeploy or torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from PIL import Image
+
+from omnilmm_ray.config import EngineConfig, GenerationConfig
+
+
+@dataclass
+class Caption:
+    text: str | None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    finish_reason: str | None = None
+    error: str | None = None  # per-request failure; the row becomes an error row
+
+
+class EngineDied(RuntimeError):
+    """The engine is no longer usable (CUDA error, OOM, crashed worker): the actor must exit."""
+
+
+class Engine(Protocol):
+    name: str
+
+    def caption(self, prompt: str, images: list[Image.Image]) -> list[Caption]: ...
+
+
+def make_engine(cfg: EngineConfig, gen: GenerationConfig, crash_marker: str | None = None) -> Engine:
+    if cfg.backend == "fake":
+        from omnilmm_ray.engines.fake import FakeEngine
+
+        return FakeEngine(cfg, crash_marker)
+    from omnilmm_ray.engines.lmdeploy_engine import LmdeployEngine
+
+    return LmdeployEngine(cfg, gen)

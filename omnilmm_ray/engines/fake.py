@@ -1,0 +1,58 @@
+"""FakeEngine: a deterministic CPU stand-in for tests, benchmarks and GPU-less demos.
+
+Its captions are placeholders derived from the pixels (so different images give different captions and
+the same image the same caption); they say nothing about what a real model would write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import numpy as np
+from PIL import Image
+
+from omnilmm_ray.config import EngineConfig
+from omnilmm_ray.engines import Caption
+from omnilmm_ray.storage import resolve, write_bytes_atomic
+
+BANNER = "FAKE ENGINE: captions are placeholders computed from pixel statistics, not model output"
+
+
+class FakeEngine:
+    name = "fake"
+
+    def __init__(self, cfg: EngineConfig, crash_marker: str | None = None):
+        self.delay_s = cfg.fake_delay_s
+        self.crash_at = cfg.fake_crash_at_batch
+        self.crash_marker = crash_marker
+        self.batches = 0
+        self.calls_log = os.environ.get("OMNILMM_FAKE_CALLS_LOG")  # tests count engine calls here
+
+    def _maybe_crash(self) -> None:
+        """Fault drill: die like a GPU worker hit by a CUDA error, once per job (the marker remembers)."""
+        if self.crash_at is None or self.batches != self.crash_at or not self.crash_marker:
+            return
+        fs, path = resolve(self.crash_marker)
+        if fs.exists(path):
+            return
+        write_bytes_atomic(fs, path, b"crashed")
+        os._exit(17)
+
+    def caption(self, prompt: str, images: list[Image.Image]) -> list[Caption]:
+        self.batches += 1
+        self._maybe_crash()
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.calls_log:
+            with open(self.calls_log, "a") as f:
+                f.write(f"{len(images)}\n")
+        out = []
+        for im in images:
+            a = np.asarray(im, dtype=np.float32)
+            r, g, b = (int(v) for v in a.reshape(-1, 3).mean(axis=0))
+            digest = hashlib.sha1(im.tobytes()).hexdigest()[:8]
+            text = f"[fake] a {im.width}x{im.height} picture, mean colour ({r},{g},{b}), id {digest}"
+            out.append(Caption(text, len(prompt.split()) + 16, len(text.split()), "stop"))
+        return out

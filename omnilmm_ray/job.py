@@ -1,0 +1,144 @@
+"""One captioning run: plan -> preflight -> lease -> pipeline -> verify -> summary -> seal.
+
+Expects Ray to be initialised by the entrypoint (jobs/caption.py); library code never calls `ray.init`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, defaultdict
+
+import pyarrow as pa
+
+from omnilmm_ray.commit import ShardCommitter, committed_shards, verify_run
+from omnilmm_ray.config import ConfigError, JobConfig
+from omnilmm_ray.lease import Lease
+from omnilmm_ray.storage import join, write_bytes_atomic, write_json
+from omnilmm_ray.table import OutputTable, Run
+
+log = logging.getLogger(__name__)
+
+
+class ErrorBudgetExceeded(RuntimeError):
+    pass
+
+
+def check_output(cfg: JobConfig) -> OutputTable:
+    table = OutputTable(cfg.output, cfg.sink.storage_options)
+    try:
+        table.fs.makedirs(table.path, exist_ok=True)
+        table.fs.ls(table.path)
+    except Exception as e:
+        raise ConfigError(f"output: {cfg.output} is not reachable or not writable ({type(e).__name__}: {e})") from None
+    return table
+
+
+def preflight_engine(cfg: JobConfig) -> str:
+    """Resolve the lmdeploy backend on a GPU worker before any shard is read; fails naming the model."""
+    if cfg.engine.backend == "fake":
+        return "fake"
+    import ray
+
+    from omnilmm_ray.pipeline import engine_resources
+
+    @ray.remote(**engine_resources(cfg), max_retries=0)
+    def _resolve(engine_cfg):
+        from omnilmm_ray.engines.lmdeploy_engine import resolve_backend
+
+        try:
+            return resolve_backend(engine_cfg), None
+        except ValueError as e:
+            return None, str(e)
+
+    backend, err = ray.get(_resolve.remote(cfg.engine))
+    if err:
+        raise ConfigError(err)
+    log.info("engine: %s -> lmdeploy %s backend", cfg.engine.model, backend)
+    return backend
+
+
+def describe(cfg: JobConfig, run: Run) -> dict:
+    from omnilmm_ray.pipeline import engine_resources
+
+    by_format = Counter(s.format for s in run.shards)
+    return {
+        "run": run.run_id,
+        "mode": "resume" if run.resumed else "new run",
+        "shards": len(run.shards),
+        "by_format": dict(by_format),
+        "input_bytes": sum(s.size for s in run.shards),
+        "examples": [s.uri for s in run.shards[:5]],
+        "engine": {"backend": cfg.engine.backend, "model": cfg.engine.model, "tp": cfg.engine.tp},
+        "actors": {"min": cfg.scale.min_actors, "max": cfg.scale.max_actors, **engine_resources(cfg)},
+        "batch_size": cfg.scale.batch_size,
+        "output": cfg.output,
+    }
+
+
+def summarize(cfg: JobConfig, run: Run, rows: pa.Table, attempt: dict) -> dict:
+    kinds = rows.column("error_kind").to_pylist()
+    examples: dict[str, list[str]] = defaultdict(list)
+    for k, src, key in zip(kinds, rows.column("source").to_pylist(), rows.column("key").to_pylist()):
+        if k and len(examples[k]) < 3:
+            examples[k].append(f"{src}#{key}")
+    counts = Counter(k for k in kinds if k)
+    n = len(rows)
+    errors = sum(counts.values())
+    return {
+        "run": run.run_id,
+        "status": "succeeded",
+        "rows": n,
+        "counts": {"ok": n - errors, "error": errors, "cached": sum(1 for c in rows.column("cached").to_pylist() if c),
+                   "skipped_without_image": int(rows.schema.metadata[b"skipped"])},
+        "error_rate": errors / n if n else 0.0,
+        "errors_by_kind": {k: {"count": c, "examples": examples[k]} for k, c in counts.most_common()},
+        "tokens": {"input": pa.compute.sum(rows.column("input_tokens")).as_py() or 0,
+                   "output": pa.compute.sum(rows.column("output_tokens")).as_py() or 0},
+        "shards": len(run.shards),
+        "this_attempt": attempt,
+        "config": cfg.model_dump(mode="json"),
+    }
+
+
+def run_job(cfg: JobConfig, dry_run: bool = False) -> dict:
+    table = check_output(cfg) if not dry_run else OutputTable(cfg.output, cfg.sink.storage_options)
+    if dry_run:
+        return {"dry_run": describe(cfg, table.open_run(cfg, write=False))}
+    backend = preflight_engine(cfg)
+    with Lease(cfg.output, cfg.sink.lock_ttl_s, cfg.sink.storage_options):
+        run = table.open_run(cfg)
+        done = committed_shards(run.uri, cfg.sink.storage_options)
+        todo = [s for s in run.shards if s.shard_id not in done]
+        log.info("run %s (%s): %d shards, %d already committed", run.run_id,
+                 "resumed" if run.resumed else "new", len(run.shards), len(run.shards) - len(todo))
+        reuse = table.reuse_cache(cfg) if cfg.sink.reuse_captions else {}
+        committer = ShardCommitter(run.uri, todo, cfg.sink.storage_options)
+        t0, processed = time.time(), 0
+        if todo:
+            from omnilmm_ray.pipeline import caption_batches
+
+            for batch in caption_batches(todo, cfg, run.uri, reuse):
+                processed += sum(1 for e in batch.column("shard_rows").to_pylist() if e is None)
+                committer.add(batch)
+        if committer.uncommitted():
+            raise RuntimeError(f"pipeline ended with shards not fully captioned: {committer.uncommitted()[:5]}")
+        wall = time.time() - t0
+        rows = verify_run(run.uri, run.shards, cfg.sink.storage_options)
+        attempt = {"resumed": run.resumed, "shards_committed_before": len(run.shards) - len(todo),
+                   "shards_processed": len(todo), "rows_processed": processed,
+                   "duplicates_dropped": committer.duplicates_dropped, "wall_s": round(wall, 3),
+                   "images_per_s": round(processed / wall, 3) if wall > 0 else None, "backend": backend}
+        summary = summarize(cfg, run, rows, attempt)
+        over = summary["error_rate"] > cfg.sink.max_error_rate
+        if over:
+            summary["status"] = "failed: error budget exceeded"
+        fs, path = table.fs, join(table.path, f"run={run.run_id}")
+        write_json(fs, join(path, "_summary.json"), summary)
+        if over:
+            raise ErrorBudgetExceeded(
+                f"{summary['error_rate']:.1%} of rows are errors, above sink.max_error_rate="
+                f"{cfg.sink.max_error_rate}; rows are committed in {run.uri} but the run is not sealed; top "
+                f"errors: {dict(list(summary['errors_by_kind'].items())[:3])}")
+        write_bytes_atomic(fs, join(path, "_SUCCESS"), b"")
+        return summary

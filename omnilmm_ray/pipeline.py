@@ -1,0 +1,61 @@
+"""The data path, in one screen: shards -> read -> decode/resize (CPU) -> caption (GPU actors) -> driver.
+
+The only module that imports `ray.data`. Output rows stream back to the driver, where the committer
+(commit.py) writes them shard by shard.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pyarrow as pa
+import ray
+import ray.data
+from ray.data import ActorPoolStrategy
+
+from omnilmm_ray.config import JobConfig
+from omnilmm_ray.preprocess import preprocess_batch
+from omnilmm_ray.sources import Shard
+from omnilmm_ray.stages import CaptionStage, read_shards
+
+# Reading is I/O-bound; a fractional CPU lets several shards stream while decoding keeps the cores
+# busy. Different resources also keep Ray Data from fusing reading and decoding into one task.
+READ_CPUS = 0.25
+MAX_INPUT_BLOCKS = 10_000
+
+
+def engine_resources(cfg: JobConfig) -> dict:
+    """Placement of one engine actor: `tp` GPUs for a real engine, one CPU for the fake one."""
+    if cfg.engine.backend == "fake":
+        return {"num_cpus": 1, "num_gpus": 0}
+    return {"num_cpus": 1, "num_gpus": cfg.engine.tp}
+
+
+def caption_batches(shards: list[Shard], cfg: JobConfig, run_uri: str, reuse: dict | None) -> Iterator[pa.Table]:
+    items = [{"shard": json.dumps(s.to_dict())} for s in shards]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), MAX_INPUT_BLOCKS)))
+    ds = ds.map_batches(read_shards, fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS)
+    ds = ds.map_batches(
+        preprocess_batch,
+        fn_kwargs={"cfg": cfg.preprocess},
+        batch_size=cfg.preprocess.batch_size,
+        batch_format="pyarrow",
+        num_cpus=cfg.preprocess.num_cpus,
+    )
+    ds = ds.map_batches(
+        CaptionStage,
+        fn_constructor_kwargs={"cfg": cfg, "run_uri": run_uri, "reuse": ray.put(reuse or {})},
+        batch_size=cfg.scale.batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(
+            min_size=cfg.scale.min_actors,
+            max_size=cfg.scale.max_actors,
+            max_tasks_in_flight_per_actor=cfg.scale.max_batches_in_flight,
+        ),
+        # An actor whose engine died exits; Ray restarts it and retries its batches elsewhere.
+        max_restarts=-1,
+        max_task_retries=-1,
+        **engine_resources(cfg),
+    )
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")

@@ -1,0 +1,66 @@
+"""Column names and Arrow schemas, declared once.
+
+Rows move through three shapes: SAMPLE (read from a shard), PIXELS (decoded on CPU) and OUTPUT (captioned,
+written to Parquet). Every shape also carries the shard bookkeeping columns; a shard's last row is an
+*end marker* (`key` null, `shard_rows` set) that tells the committer how many rows the shard has.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# Bookkeeping carried by every internal row; not written to the output table.
+SHARD_FIELDS = [
+    pa.field("shard_id", pa.string()),
+    pa.field("shard_rows", pa.int64()),  # end marker only: image rows in this shard
+    pa.field("shard_skipped", pa.int64()),  # end marker only: samples without an image
+]
+
+# One row per input image in the output table.
+OUTPUT_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),  # shard or file URI
+        pa.field("key", pa.string()),  # sample key in the shard; relative path for loose files
+        pa.field("sample_index", pa.int64(), nullable=False),  # position of the image in its shard
+        pa.field("caption", pa.string()),  # null on failure
+        pa.field("error", pa.string()),  # null on success: "<kind>: <short reason>"
+        pa.field("error_kind", pa.string()),
+        pa.field("width", pa.int32()),  # original size
+        pa.field("height", pa.int32()),
+        pa.field("model", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("input_tokens", pa.int32()),
+        pa.field("output_tokens", pa.int32()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("sha256", pa.string()),  # of the original image bytes
+        pa.field("cached", pa.bool_()),  # caption reused from an earlier run (same bytes and settings)
+        pa.field("metadata", pa.string()),  # sidecar JSON / other Parquet columns, as JSON text
+        pa.field("text", pa.string()),  # sidecar .txt
+    ]
+)
+
+_BASE = ["source", "key", "sample_index", "metadata", "text", "error", "error_kind"]
+SAMPLE_SCHEMA = pa.schema(
+    [OUTPUT_SCHEMA.field(n) for n in _BASE] + [pa.field("image", pa.binary())] + SHARD_FIELDS
+)
+PIXELS_SCHEMA = pa.schema(
+    [OUTPUT_SCHEMA.field(n) for n in _BASE + ["width", "height", "sha256"]]
+    + [pa.field("pixels", pa.binary()), pa.field("pw", pa.int32()), pa.field("ph", pa.int32())]
+    + SHARD_FIELDS
+)
+ENGINE_SCHEMA = pa.schema(list(OUTPUT_SCHEMA) + SHARD_FIELDS)
+
+
+def table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Rows (dicts, missing keys = null) -> a table of exactly `schema`."""
+    return pa.Table.from_pylist([{n: r.get(n) for n in schema.names} for r in rows], schema=schema)
+
+
+def is_end(t: pa.Table) -> list[bool]:
+    return [v is not None for v in t.column("shard_rows").to_pylist()]
+
+
+def error(kind: str, reason: str) -> dict:
+    """The two error columns of a failed row."""
+    reason = " ".join(str(reason).split())[:300]
+    return {"error": f"{kind}: {reason}", "error_kind": kind}

@@ -1,0 +1,72 @@
+"""Thin helpers over fsspec: resolve URIs, fingerprint files, write objects atomically."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+
+def resolve(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """URI -> (filesystem, path). Credentials/endpoint come from the environment (AWS_ENDPOINT_URL, ...)."""
+    return fsspec.core.url_to_fs(uri, **(storage_options or {}))
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A filesystem path back to a full URI (fsspec strips the protocol)."""
+    return fs.unstrip_protocol(path) if not isinstance(fs, LocalFileSystem) else path
+
+
+def fingerprint(info: dict[str, Any]) -> str:
+    """What identifies one version of a file: size plus version id, ETag or mtime (whichever the store gives)."""
+    version = info.get("VersionId") or info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    if not version:
+        mtime = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("last_modified")
+        version = mtime.isoformat() if hasattr(mtime, "isoformat") else str(mtime)
+    return f"{info.get('size')}:{str(version).strip(chr(34))}"
+
+
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Readers see the whole object or nothing.
+
+    Object stores give this for free (a PUT or a completed multipart upload is atomic); a local or mounted
+    filesystem needs a temporary name and a rename.
+    """
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{os.path.dirname(path)}/.tmp-{uuid.uuid4().hex}-{os.path.basename(path)}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
+    write_bytes_atomic(fs, path, json.dumps(obj, indent=1, default=str).encode())
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any | None:
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+
+
+def write_parquet_atomic(fs: fsspec.AbstractFileSystem, path: str, t: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(t, buf, compression="zstd")
+    write_bytes_atomic(fs, path, buf.getvalue())

@@ -1,0 +1,130 @@
+"""The output table: one `run=<id>/` partition per run, each sealed by `_SUCCESS`.
+
+    OUTPUT/_lock.json                     lease held by the running job
+    OUTPUT/run=<id>/_plan.json            shards this run covers (+ settings fingerprint)
+    OUTPUT/run=<id>/<shard_id>.parquet    one file per shard, written once, atomically
+    OUTPUT/run=<id>/_summary.json, _SUCCESS
+
+Readers use committed runs only (`committed_files`, `read_latest`). A rerun resumes the newest unsealed
+run; otherwise it starts a new run over the inputs that no sealed run covered yet.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from omnilmm_ray.config import ConfigError, JobConfig, generation_fingerprint
+from omnilmm_ray.sources import Shard, plan_shards, without_done
+from omnilmm_ray.storage import join, read_json, resolve, unstrip, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    run_id: str
+    uri: str
+    shards: list[Shard]
+    resumed: bool
+
+
+class OutputTable:
+    def __init__(self, uri: str, storage_options: dict | None = None):
+        self.uri = uri.rstrip("/")
+        self.opts = storage_options or {}
+        self.fs, self.path = resolve(self.uri, self.opts)
+
+    def run_uri(self, run_id: str) -> str:
+        return join(self.uri, f"run={run_id}")
+
+    def run_ids(self) -> list[str]:
+        try:
+            names = self.fs.ls(self.path, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(n.rsplit("/", 1)[-1][4:] for n in names if n.rsplit("/", 1)[-1].startswith("run="))
+
+    def is_sealed(self, run_id: str) -> bool:
+        return self.fs.exists(join(self.path, f"run={run_id}", "_SUCCESS"))
+
+    def plan_of(self, run_id: str) -> dict | None:
+        return read_json(self.fs, join(self.path, f"run={run_id}", "_plan.json"))
+
+    def sealed_runs(self) -> list[str]:
+        return [r for r in self.run_ids() if self.is_sealed(r)]
+
+    def open_run(self, cfg: JobConfig, write: bool = True) -> Run:
+        """Resume the newest unsealed run, or plan a new one over what no sealed run covered."""
+        fp = generation_fingerprint(cfg)
+        ids = self.run_ids()
+        for rid in ids:
+            plan = self.plan_of(rid)
+            if plan and plan["fingerprint"] != fp:
+                raise ConfigError(
+                    f"output: {self.uri} holds run {rid} made with other settings ({plan['fingerprint']}); "
+                    "captions with different model/prompt/generation settings go to a new --output")
+        if ids and not self.is_sealed(ids[-1]) and self.plan_of(ids[-1]) is not None:
+            plan = self.plan_of(ids[-1])
+            return Run(ids[-1], self.run_uri(ids[-1]), [Shard.from_dict(s) for s in plan["shards"]], True)
+        done: dict[str, str] = {}
+        for rid in self.sealed_runs():
+            for s in self.plan_of(rid)["shards"]:
+                done.update(s["fingerprints"])
+        shards = without_done(plan_shards(cfg.inputs, cfg.input), done)
+        rid = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        run = Run(rid, self.run_uri(rid), shards, False)
+        if write:
+            write_json(self.fs, join(self.path, f"run={rid}", "_plan.json"),
+                       {"run_id": rid, "fingerprint": fp, "inputs": cfg.inputs,
+                        "shards": [s.to_dict() for s in shards]})
+        return run
+
+    def committed_files(self) -> list[str]:
+        files = []
+        for rid in self.sealed_runs():
+            files += [join(self.path, f"run={rid}", f"{s['shard_id']}.parquet") for s in self.plan_of(rid)["shards"]]
+        return files
+
+    def read_committed(self, columns: list[str] | None = None) -> pa.Table:
+        """All rows of sealed runs, with a `run` column."""
+        parts = []
+        for rid in self.sealed_runs():
+            files = [join(self.path, f"run={rid}", f"{s['shard_id']}.parquet") for s in self.plan_of(rid)["shards"]]
+            if files:
+                t = pads.dataset(files, filesystem=self.fs, format="parquet").to_table(columns=columns)
+                parts.append(t.append_column("run", pa.array([rid] * len(t), pa.string())))
+        return pa.concat_tables(parts) if parts else pa.table({})
+
+    def read_latest(self) -> pa.Table:
+        """The newest caption per (source, key) across sealed runs."""
+        t = self.read_committed()
+        if not len(t):
+            return t
+        t = t.sort_by([("run", "descending")])
+        keys = [f"{s}\x00{k}" for s, k in zip(t.column("source").to_pylist(), t.column("key").to_pylist())]
+        seen, keep = set(), []
+        for k in keys:
+            keep.append(k not in seen)
+            seen.add(k)
+        return t.filter(pa.array(keep))
+
+    def reuse_cache(self, cfg: JobConfig) -> dict[str, dict]:
+        """sha256 -> caption fields of successful rows in sealed runs (same settings: see open_run)."""
+        t = self.read_committed(["sha256", "caption", "input_tokens", "output_tokens", "finish_reason", "error"])
+        if not len(t):
+            return {}
+        t = t.filter(pc.and_(pc.is_null(t.column("error")), pc.is_valid(t.column("sha256"))))
+        out = {}
+        for r in t.select(["sha256", "caption", "input_tokens", "output_tokens", "finish_reason"]).to_pylist():
+            sha = r.pop("sha256")
+            out[sha] = {"text": r["caption"], **{k: r[k] for k in ("input_tokens", "output_tokens", "finish_reason")}}
+        return out
+
+    def describe(self) -> str:
+        return unstrip(self.fs, self.path)
