@@ -78,12 +78,14 @@ class LmdeployEngine:
             random_seed=gen.random_seed,
         )
         self.tokenizer = self.pipe.async_engine.tokenizer
+        self.redecoded = 0  # captions recovered by the workaround in _text
         log.info("engine ready: %s %s tp=%d", self.name, cfg.model, cfg.tp)
 
     def _text(self, r) -> str:
         # lmdeploy's incremental detokenizer returns '' when the decoded text ends in U+FFFD (a caption cut
         # mid-character by max_new_tokens); the tokens are there, so decode them in one go.
         if not r.text and r.token_ids:
+            self.redecoded += 1
             return self.tokenizer.decode(r.token_ids, skip_special_tokens=True)
         return r.text
 

@@ -1,0 +1,33 @@
+"""GPU tests: the real lmdeploy engine on a tiny random Qwen2-VL built here (no downloads).
+
+Run with `pytest -m gpu tests/gpu` on a CUDA machine with the `gpu` extra installed; skipped elsewhere.
+"""
+
+import importlib.util
+
+import pytest
+
+
+def _cuda() -> bool:
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("lmdeploy") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU with torch and lmdeploy (pip install -e '.[gpu]')")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from omnilmm_ray.testing.tiny_vlm import build
+
+    # the folder name lets lmdeploy match its built-in qwen2-vl chat template
+    return str(build(tmp_path_factory.mktemp("models") / "tiny-Qwen2-VL"))
