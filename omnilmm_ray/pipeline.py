@@ -53,9 +53,8 @@ def caption_batches(shards: list[Shard], cfg: JobConfig, run_uri: str, reuse: di
             max_size=cfg.scale.max_actors,
             max_tasks_in_flight_per_actor=cfg.scale.max_batches_in_flight,
         ),
-        # An actor whose engine died exits; Ray restarts it and retries its batches elsewhere.
-        max_restarts=-1,
-        max_task_retries=-1,
+        # An actor whose engine died exits; Ray Data's actor pools default to max_restarts=-1 and
+        # max_task_retries=-1, so the actor is replaced and its batches are retried.
         **engine_resources(cfg),
     )
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
