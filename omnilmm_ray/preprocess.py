@@ -50,6 +50,8 @@ def decode(data: bytes, cfg: PreprocessConfig) -> tuple[Image.Image, int, int]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow's own bomb check reads a process-wide limit; make it ours (this runs in a worker process).
+            Image.MAX_IMAGE_PIXELS = cfg.max_pixels
             im = Image.open(io.BytesIO(data))
             w, h = im.size  # header only: checked before any pixel is decoded
             if w * h > cfg.max_pixels:
@@ -67,7 +69,7 @@ def decode(data: bytes, cfg: PreprocessConfig) -> tuple[Image.Image, int, int]:
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError("too_many_pixels", str(e)) from None
+        raise ImageError("too_many_pixels", f"{e} (preprocess.max_pixels={cfg.max_pixels})") from None
     except UnidentifiedImageError:
         raise ImageError("not_an_image", "cannot identify image format") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:

@@ -61,7 +61,10 @@ def _tar_samples(f, stats: dict) -> Iterator[dict]:
                     yield s
                 parts = {}
             key = k
-            parts[ext] = tar.extractfile(m).read()
+            data = tar.extractfile(m).read()
+            if len(data) != m.size:  # stream mode returns short reads silently at a cut-off end of file
+                raise tarfile.ReadError(f"unexpected end of data in {m.name} ({len(data)} of {m.size} bytes)")
+            parts[ext] = data
     if parts and (s := flush()) is not None:
         yield s
 
