@@ -43,13 +43,16 @@ class ShardCommitter:
         self.run_uri = run_uri
         self.shards = {s.shard_id: s for s in shards}
         self.pending: dict[str, _Pending] = {}
-        self.committed: list[str] = []
+        self.committed: set[str] = set()
         self.duplicates_dropped = 0
 
     def add(self, batch: pa.Table) -> None:
         ends = pa.array(schema.is_end(batch))
         for sid in pc.unique(batch.column("shard_id")).to_pylist():
             mine = batch.filter(pc.equal(batch.column("shard_id"), sid))
+            if sid in self.committed:  # a late repeat of a shard already written
+                self.duplicates_dropped += sum(1 for e in schema.is_end(mine) if not e)
+                continue
             mine_ends = pa.array(schema.is_end(mine)) if len(mine) != len(batch) else ends
             p = self.pending.setdefault(sid, _Pending())
             for r in mine.filter(mine_ends).select(["shard_rows", "shard_skipped"]).to_pylist():
@@ -76,7 +79,7 @@ class ShardCommitter:
         t = t.replace_schema_metadata({**(t.schema.metadata or {}), **meta})
         write_parquet_atomic(self.fs, shard_file(self.run_path, sid), t)
         del self.pending[sid]
-        self.committed.append(sid)
+        self.committed.add(sid)
         log.info("committed shard %s (%d rows)", shard.uri, p.expected)
 
     def uncommitted(self) -> list[str]:

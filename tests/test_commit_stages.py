@@ -1,0 +1,93 @@
+"""The commit protocol and the engine stage, driven directly (no Ray)."""
+
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from omnilmm_ray import schema
+from omnilmm_ray.commit import ShardCommitter, committed_shards, shard_file, verify_run
+from omnilmm_ray.config import JobConfig
+from omnilmm_ray.preprocess import preprocess_batch
+from omnilmm_ray.samples import draw, encode
+from omnilmm_ray.sources import Shard
+from omnilmm_ray.stages import CaptionStage
+
+
+def engine_rows(shard_id, n, skipped=0):
+    rows = [{"source": f"src-{shard_id}", "shard_id": shard_id, "key": f"k{i}", "sample_index": i,
+             "caption": f"c{i}"} for i in range(n)]
+    return rows, {"source": f"src-{shard_id}", "shard_id": shard_id, "sample_index": -1,
+                  "shard_rows": n, "shard_skipped": skipped}
+
+
+def test_out_of_order_repeated_rows_commit_each_shard_once(tmp_path):
+    shards = [Shard("a", "tar", "src-a"), Shard("b", "tar", "src-b")]
+    c = ShardCommitter(str(tmp_path), shards)
+    a, a_end = engine_rows("a", 10, skipped=2)
+    b, b_end = engine_rows("b", 5)
+    stream = a + b + a[:4] + b[2:] + [a_end, b_end]  # repeats, as from retried tasks
+    random.Random(0).shuffle(stream)
+    for i in range(0, len(stream), 3):
+        c.add(schema.table(stream[i : i + 3], schema.ENGINE_SCHEMA))
+    assert c.committed == {"a", "b"} and c.uncommitted() == [] and c.duplicates_dropped == 7
+    t = pq.read_table(shard_file(str(tmp_path), "a"))
+    assert t.column("sample_index").to_pylist() == list(range(10)) and t.schema.names == schema.OUTPUT_SCHEMA.names
+    assert committed_shards(str(tmp_path)) == {"a", "b"}
+    rows = verify_run(str(tmp_path), shards)
+    assert len(rows) == 15 and rows.schema.metadata[b"skipped"] == b"2"
+
+
+def test_shard_waits_for_its_end_marker_and_all_rows(tmp_path):
+    c = ShardCommitter(str(tmp_path), [Shard("a", "tar", "src-a")])
+    rows, end = engine_rows("a", 3)
+    c.add(schema.table(rows[:2] + [end], schema.ENGINE_SCHEMA))
+    assert c.uncommitted() == ["a"] and not committed_shards(str(tmp_path))
+    c.add(schema.table(rows[2:], schema.ENGINE_SCHEMA))
+    assert c.committed == {"a"}
+
+
+def test_verify_refuses_a_missing_or_wrong_shard(tmp_path):
+    shards = [Shard("a", "tar", "src-a"), Shard("b", "tar", "src-b")]
+    c = ShardCommitter(str(tmp_path), shards)
+    rows, end = engine_rows("a", 3)
+    c.add(schema.table(rows + [end], schema.ENGINE_SCHEMA))
+    with pytest.raises(RuntimeError, match="src-b has no committed file"):
+        verify_run(str(tmp_path), shards)
+    t = pq.read_table(shard_file(str(tmp_path), "a"))
+    pq.write_table(pa.concat_tables([t, t.slice(0, 1)]), shard_file(str(tmp_path), "a"))
+    with pytest.raises(RuntimeError, match="exactly once"):
+        verify_run(str(tmp_path), shards[:1])
+
+
+def _pixels_batch(images):
+    rows = [{"source": "s", "shard_id": "a", "sample_index": i, "key": f"k{i}", "image": im}
+            for i, im in enumerate(images)]
+    rows.append({"source": "s", "shard_id": "a", "sample_index": -1, "shard_rows": len(images), "shard_skipped": 0})
+    return preprocess_batch(schema.table(rows, schema.SAMPLE_SCHEMA), JobConfig(inputs=["x"], output="o").preprocess)
+
+
+def test_caption_stage_with_fake_engine(tmp_path):
+    cfg = JobConfig(inputs=["x"], output="o", engine={"backend": "fake"})
+    batch = _pixels_batch([encode(draw(1)[0]), b"junk", encode(draw(2)[0]), encode(draw(1)[0])])
+    out = CaptionStage(cfg, str(tmp_path)).__call__(batch)
+    assert out.schema == schema.ENGINE_SCHEMA
+    r = out.to_pylist()
+    assert r[0]["caption"].startswith("[fake]") and r[0]["caption"] == r[3]["caption"] != r[2]["caption"]
+    assert r[1]["caption"] is None and r[1]["error_kind"] == "not_an_image" and r[1]["model"] == "fake"
+    assert r[4]["shard_rows"] == 4 and r[4]["caption"] is None
+
+
+def test_caption_stage_reuses_known_bytes_without_the_engine(tmp_path, monkeypatch):
+    cfg = JobConfig(inputs=["x"], output="o", engine={"backend": "fake"})
+    batch = _pixels_batch([encode(draw(1)[0]), encode(draw(2)[0])])
+    sha = batch.column("sha256")[0].as_py()
+    reuse = {sha: {"text": "earlier caption", "input_tokens": 5, "output_tokens": 2, "finish_reason": "stop"}}
+    stage = CaptionStage(cfg, str(tmp_path), reuse)
+    seen = []
+    real = stage.engine.caption
+    monkeypatch.setattr(stage.engine, "caption", lambda p, ims: seen.extend(ims) or real(p, ims))
+    r = stage(batch).to_pylist()
+    assert r[0]["caption"] == "earlier caption" and r[0]["cached"] is True
+    assert r[1]["cached"] is False and len(seen) == 1
