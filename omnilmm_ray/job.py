@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections import Counter, defaultdict
 
 import pyarrow as pa
@@ -26,9 +27,10 @@ class ErrorBudgetExceeded(RuntimeError):
 
 def check_output(cfg: JobConfig) -> OutputTable:
     table = OutputTable(cfg.output, cfg.sink.storage_options)
-    try:
-        table.fs.makedirs(table.path, exist_ok=True)
-        table.fs.ls(table.path)
+    probe = join(table.path, f"_probe-{uuid.uuid4().hex}")
+    try:  # a real write: on object stores only that proves the bucket exists and accepts our credentials
+        write_bytes_atomic(table.fs, probe, b"")
+        table.fs.rm_file(probe)
     except Exception as e:
         raise ConfigError(f"output: {cfg.output} is not reachable or not writable ({type(e).__name__}: {e})") from None
     return table

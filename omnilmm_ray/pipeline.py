@@ -26,13 +26,17 @@ MAX_INPUT_BLOCKS = 10_000
 
 
 def engine_resources(cfg: JobConfig) -> dict:
-    """Placement of one engine actor: `tp` GPUs for a real engine, one CPU for the fake one."""
+    """Placement of one engine actor: `tp` GPUs for a real engine, half a CPU for the fake one.
+
+    Ray Data fuses a task stage into the next actor stage when their resources are equal, which would
+    move decoding into the engine actor; the fake actor's half CPU keeps them apart (GPUs do for real ones).
+    """
     if cfg.engine.backend == "fake":
-        return {"num_cpus": 1, "num_gpus": 0}
+        return {"num_cpus": 0.5, "num_gpus": 0}
     return {"num_cpus": 1, "num_gpus": cfg.engine.tp}
 
 
-def caption_batches(shards: list[Shard], cfg: JobConfig, run_uri: str, reuse: dict | None) -> Iterator[pa.Table]:
+def build_dataset(shards: list[Shard], cfg: JobConfig, run_uri: str, reuse: dict | None) -> ray.data.Dataset:
     items = [{"shard": json.dumps(s.to_dict())} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), MAX_INPUT_BLOCKS)))
     ds = ds.map_batches(read_shards, fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS)
@@ -57,4 +61,8 @@ def caption_batches(shards: list[Shard], cfg: JobConfig, run_uri: str, reuse: di
         # max_task_retries=-1, so the actor is replaced and its batches are retried.
         **engine_resources(cfg),
     )
-    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    return ds
+
+
+def caption_batches(shards: list[Shard], cfg: JobConfig, run_uri: str, reuse: dict | None) -> Iterator[pa.Table]:
+    yield from build_dataset(shards, cfg, run_uri, reuse).iter_batches(batch_size=None, batch_format="pyarrow")
