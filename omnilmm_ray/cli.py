@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 4
     c = summary["counts"]
-    print(f"done: run {summary['run']}: {summary['rows']} rows ({c['ok']} ok, {c['error']} errors, {c['cached']} "
-          f"reused), {summary['this_attempt']['images_per_s']} images/s -> {cfg.output}")
+    print(
+        f"done: run {summary['run']}: {summary['rows']} rows ({c['ok']} ok, {c['error']} errors, {c['cached']} "
+        f"reused), {summary['this_attempt']['images_per_s']} images/s -> {cfg.output}"
+    )
     return 0

@@ -73,9 +73,14 @@ class ShardCommitter:
         t = pa.concat_tables(p.tables) if p.tables else schema.ENGINE_SCHEMA.empty_table()
         t = t.sort_by("sample_index").select(schema.OUTPUT_SCHEMA.names).cast(schema.OUTPUT_SCHEMA)
         if t.column("sample_index").to_pylist() != list(range(p.expected)):
-            raise RuntimeError(f"shard {shard.uri}: rows do not number 0..{p.expected - 1}; refusing to commit")
-        meta = {b"omnilmm.shard_uri": shard.uri.encode(), b"omnilmm.shard_rows": str(p.expected).encode(),
-                b"omnilmm.shard_skipped": str(p.skipped).encode()}
+            raise RuntimeError(
+                f"shard {shard.uri}: rows do not number 0..{p.expected - 1}; refusing to commit"
+            )
+        meta = {
+            b"omnilmm.shard_uri": shard.uri.encode(),
+            b"omnilmm.shard_rows": str(p.expected).encode(),
+            b"omnilmm.shard_skipped": str(p.skipped).encode(),
+        }
         t = t.replace_schema_metadata({**(t.schema.metadata or {}), **meta})
         write_parquet_atomic(self.fs, shard_file(self.run_path, sid), t)
         del self.pending[sid]
@@ -93,8 +98,11 @@ def committed_shards(run_uri: str, storage_options: dict | None = None) -> set[s
         names = fs.ls(path, detail=False)
     except FileNotFoundError:
         return set()
-    return {n.rsplit("/", 1)[-1][: -len(".parquet")] for n in names if n.endswith(".parquet")
-            and not n.rsplit("/", 1)[-1].startswith((".", "_"))}
+    return {
+        n.rsplit("/", 1)[-1][: -len(".parquet")]
+        for n in names
+        if n.endswith(".parquet") and not n.rsplit("/", 1)[-1].startswith((".", "_"))
+    }
 
 
 def verify_run(run_uri: str, shards: list[Shard], storage_options: dict | None = None) -> pa.Table:
@@ -115,7 +123,9 @@ def verify_run(run_uri: str, shards: list[Shard], storage_options: dict | None =
         n = int(md[b"omnilmm.shard_rows"])
         skipped += int(md.get(b"omnilmm.shard_skipped", b"0"))
         if sorted(t.column("sample_index").to_pylist()) != list(range(n)):
-            raise RuntimeError(f"shard {s.uri}: committed file {f} does not hold rows 0..{n - 1} exactly once")
+            raise RuntimeError(
+                f"shard {s.uri}: committed file {f} does not hold rows 0..{n - 1} exactly once"
+            )
         parts.append(t)
     t = pa.concat_tables(parts) if parts else schema.OUTPUT_SCHEMA.empty_table().select(cols)
     return t.replace_schema_metadata({b"skipped": str(skipped).encode()})

@@ -61,13 +61,17 @@ class EngineConfig(_Strict):
     model: str = Field(DEFAULT_MODEL, description="Hugging Face model id or local path of the VLM.")
     tp: int = Field(1, ge=1, description="Tensor parallel degree: GPUs per engine actor.")
     session_len: int | None = Field(4096, gt=0, description="Max tokens per request (prompt+image+output).")
-    cache_max_entry_count: float = Field(0.8, gt=0, le=1, description="Share of free GPU memory for KV cache.")
+    cache_max_entry_count: float = Field(
+        0.8, gt=0, le=1, description="Share of free GPU memory for KV cache."
+    )
     max_batch_size: int | None = Field(None, gt=0, description="Engine's max concurrent requests.")
     quant_policy: Literal[0, 4, 8] = Field(0, description="KV cache quantisation: 0 (off), 4 or 8 bit.")
     trust_remote_code: bool = Field(False, description="Allow model repositories to run their own code.")
     chat_template: str | None = Field(None, description="lmdeploy chat template name to force.")
     vision_max_batch_size: int = Field(8, gt=0, description="lmdeploy VisionConfig.max_batch_size.")
-    fake_delay_s: float = Field(0.0, ge=0, description="Fake engine only: sleep per batch to emulate GPU time.")
+    fake_delay_s: float = Field(
+        0.0, ge=0, description="Fake engine only: sleep per batch to emulate GPU time."
+    )
     fake_crash_at_batch: int | None = Field(
         None,
         ge=1,
@@ -98,16 +102,23 @@ class ScaleConfig(_Strict):
 
 
 class OutputConfig(_Strict):
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="Extra fsspec options for the output.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="Extra fsspec options for the output."
+    )
     max_error_rate: float = Field(
-        1.0, ge=0, le=1, description="Fail the run (after committing) when more than this share of rows are errors."
+        1.0,
+        ge=0,
+        le=1,
+        description="Fail the run (after committing) when more than this share of rows are errors.",
     )
     reuse_captions: bool = Field(
         True,
         description="Reuse captions of identical image bytes from earlier runs with the same model/prompt/"
         "generation settings instead of a GPU pass.",
     )
-    lock_ttl_s: float = Field(120.0, gt=0, description="A run's lease on the output expires this long after its last heartbeat.")
+    lock_ttl_s: float = Field(
+        120.0, gt=0, description="A run's lease on the output expires this long after its last heartbeat."
+    )
 
 
 class JobConfig(_Strict):
@@ -173,7 +184,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         where = ".".join(str(p) for p in err["loc"]) or "config"
         flags = [f"--{f.replace('_', '-')}" for f, p in CLI_FIELDS.items() if p == where]
         hint = f" (flag {flags[0]})" if flags else ""
-        raise ConfigError(f"{where}: {err['msg']}; got {err.get('input')!r}. Fix '{where}' in the config file{hint}.") from None
+        raise ConfigError(
+            f"{where}: {err['msg']}; got {err.get('input')!r}. Fix '{where}' in the config file{hint}."
+        ) from None
 
 
 def generation_fingerprint(cfg: JobConfig) -> dict[str, Any]:

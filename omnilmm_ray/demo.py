@@ -28,8 +28,18 @@ def main(root: str = "samples", output: str = "out/demo") -> int:
     build_samples(root, shards=4, per_shard=32)
     shutil.rmtree(output, ignore_errors=True)
     engine = "turbomind" if gpu_available() else "fake"
-    args = ["--input", f"{root}/webdataset/*.tar", "--input", f"{root}/parquet", "--input", f"{root}/files",
-            "--output", output, "--engine", engine]
+    args = [
+        "--input",
+        f"{root}/webdataset/*.tar",
+        "--input",
+        f"{root}/parquet",
+        "--input",
+        f"{root}/files",
+        "--output",
+        output,
+        "--engine",
+        engine,
+    ]
     if engine == "fake":
         args += ["--fake-delay", "0.05"]
     rc = cli.main(args)

@@ -32,7 +32,9 @@ def check_output(cfg: JobConfig) -> OutputTable:
         write_bytes_atomic(table.fs, probe, b"")
         table.fs.rm_file(probe)
     except Exception as e:
-        raise ConfigError(f"output: {cfg.output} is not reachable or not writable ({type(e).__name__}: {e})") from None
+        raise ConfigError(
+            f"output: {cfg.output} is not reachable or not writable ({type(e).__name__}: {e})"
+        ) from None
     return table
 
 
@@ -91,12 +93,18 @@ def summarize(cfg: JobConfig, run: Run, rows: pa.Table, attempt: dict) -> dict:
         "run": run.run_id,
         "status": "succeeded",
         "rows": n,
-        "counts": {"ok": n - errors, "error": errors, "cached": sum(1 for c in rows.column("cached").to_pylist() if c),
-                   "skipped_without_image": int(rows.schema.metadata[b"skipped"])},
+        "counts": {
+            "ok": n - errors,
+            "error": errors,
+            "cached": sum(1 for c in rows.column("cached").to_pylist() if c),
+            "skipped_without_image": int(rows.schema.metadata[b"skipped"]),
+        },
         "error_rate": errors / n if n else 0.0,
         "errors_by_kind": {k: {"count": c, "examples": examples[k]} for k, c in counts.most_common()},
-        "tokens": {"input": pa.compute.sum(rows.column("input_tokens")).as_py() or 0,
-                   "output": pa.compute.sum(rows.column("output_tokens")).as_py() or 0},
+        "tokens": {
+            "input": pa.compute.sum(rows.column("input_tokens")).as_py() or 0,
+            "output": pa.compute.sum(rows.column("output_tokens")).as_py() or 0,
+        },
         "shards": len(run.shards),
         "this_attempt": attempt,
         "config": cfg.model_dump(mode="json"),
@@ -112,8 +120,13 @@ def run_job(cfg: JobConfig, dry_run: bool = False) -> dict:
         run = table.open_run(cfg)
         done = committed_shards(run.uri, cfg.sink.storage_options)
         todo = [s for s in run.shards if s.shard_id not in done]
-        log.info("run %s (%s): %d shards, %d already committed", run.run_id,
-                 "resumed" if run.resumed else "new", len(run.shards), len(run.shards) - len(todo))
+        log.info(
+            "run %s (%s): %d shards, %d already committed",
+            run.run_id,
+            "resumed" if run.resumed else "new",
+            len(run.shards),
+            len(run.shards) - len(todo),
+        )
         reuse = table.reuse_cache(cfg) if cfg.sink.reuse_captions else {}
         committer = ShardCommitter(run.uri, todo, cfg.sink.storage_options)
         t0, processed = time.time(), 0
@@ -124,13 +137,21 @@ def run_job(cfg: JobConfig, dry_run: bool = False) -> dict:
                 processed += sum(1 for e in batch.column("shard_rows").to_pylist() if e is None)
                 committer.add(batch)
         if committer.uncommitted():
-            raise RuntimeError(f"pipeline ended with shards not fully captioned: {committer.uncommitted()[:5]}")
+            raise RuntimeError(
+                f"pipeline ended with shards not fully captioned: {committer.uncommitted()[:5]}"
+            )
         wall = time.time() - t0
         rows = verify_run(run.uri, run.shards, cfg.sink.storage_options)
-        attempt = {"resumed": run.resumed, "shards_committed_before": len(run.shards) - len(todo),
-                   "shards_processed": len(todo), "rows_processed": processed,
-                   "duplicates_dropped": committer.duplicates_dropped, "wall_s": round(wall, 3),
-                   "images_per_s": round(processed / wall, 3) if wall > 0 else None, "backend": backend}
+        attempt = {
+            "resumed": run.resumed,
+            "shards_committed_before": len(run.shards) - len(todo),
+            "shards_processed": len(todo),
+            "rows_processed": processed,
+            "duplicates_dropped": committer.duplicates_dropped,
+            "wall_s": round(wall, 3),
+            "images_per_s": round(processed / wall, 3) if wall > 0 else None,
+            "backend": backend,
+        }
         summary = summarize(cfg, run, rows, attempt)
         over = summary["error_rate"] > cfg.sink.max_error_rate
         if over:
@@ -141,6 +162,7 @@ def run_job(cfg: JobConfig, dry_run: bool = False) -> dict:
             raise ErrorBudgetExceeded(
                 f"{summary['error_rate']:.1%} of rows are errors, above sink.max_error_rate="
                 f"{cfg.sink.max_error_rate}; rows are committed in {run.uri} but the run is not sealed; top "
-                f"errors: {dict(list(summary['errors_by_kind'].items())[:3])}")
+                f"errors: {dict(list(summary['errors_by_kind'].items())[:3])}"
+            )
         write_bytes_atomic(fs, join(path, "_SUCCESS"), b"")
         return summary

@@ -32,7 +32,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 class Lease:
-    def __init__(self, output_uri: str, ttl_s: float, storage_options: dict | None = None, settle_s: float = 0.5):
+    def __init__(
+        self, output_uri: str, ttl_s: float, storage_options: dict | None = None, settle_s: float = 0.5
+    ):
         self.fs, base = resolve(output_uri, storage_options)
         self.path = join(base, "_lock.json")
         self.uri = join(output_uri, "_lock.json")
@@ -58,7 +60,8 @@ class Lease:
             raise LeaseHeld(
                 f"output is in use: another job (host {cur.get('host')}, pid {cur.get('pid')}) holds {self.uri} "
                 f"(heartbeat {age:.0f}s ago, expires after {self.ttl_s:.0f}s). Wait for it to finish, or delete "
-                "the lock file if that job is gone.")
+                "the lock file if that job is gone."
+            )
         self._write()
         time.sleep(self.settle_s)
         cur = read_json(self.fs, self.path)

@@ -39,7 +39,9 @@ def engine_resources(cfg: JobConfig) -> dict:
 def build_dataset(shards: list[Shard], cfg: JobConfig, run_uri: str, reuse: dict | None) -> ray.data.Dataset:
     items = [{"shard": json.dumps(s.to_dict())} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), MAX_INPUT_BLOCKS)))
-    ds = ds.map_batches(read_shards, fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS)
+    ds = ds.map_batches(
+        read_shards, fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS
+    )
     ds = ds.map_batches(
         preprocess_batch,
         fn_kwargs={"cfg": cfg.preprocess},
@@ -64,5 +66,9 @@ def build_dataset(shards: list[Shard], cfg: JobConfig, run_uri: str, reuse: dict
     return ds
 
 
-def caption_batches(shards: list[Shard], cfg: JobConfig, run_uri: str, reuse: dict | None) -> Iterator[pa.Table]:
-    yield from build_dataset(shards, cfg, run_uri, reuse).iter_batches(batch_size=None, batch_format="pyarrow")
+def caption_batches(
+    shards: list[Shard], cfg: JobConfig, run_uri: str, reuse: dict | None
+) -> Iterator[pa.Table]:
+    yield from build_dataset(shards, cfg, run_uri, reuse).iter_batches(
+        batch_size=None, batch_format="pyarrow"
+    )

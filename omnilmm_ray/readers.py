@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from omnilmm_ray import schema
 from omnilmm_ray.config import InputConfig
-from omnilmm_ray.sources import IMAGE_EXTS, Shard, ext_of
+from omnilmm_ray.sources import IMAGE_EXTS, Shard
 from omnilmm_ray.storage import join, resolve
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,10 @@ def _image_column(pf: pq.ParquetFile, cfg: InputConfig, uri: str) -> str:
     for c in cfg.parquet_image_columns:
         if c in names:
             return c
-    raise ValueError(f"no image column among {cfg.parquet_image_columns} in {uri} (columns: {names}); "
-                     "set input.parquet_image_columns")
+    raise ValueError(
+        f"no image column among {cfg.parquet_image_columns} in {uri} (columns: {names}); "
+        "set input.parquet_image_columns"
+    )
 
 
 def _parquet_samples(f, cfg: InputConfig, uri: str) -> Iterator[dict]:
@@ -90,8 +92,12 @@ def _parquet_samples(f, cfg: InputConfig, uri: str) -> Iterator[dict]:
                 img = img.get("bytes")
             key = r.pop(cfg.parquet_key_column, None)
             meta = {k: v for k, v in r.items() if not isinstance(v, bytes)}
-            yield {"key": str(key) if key is not None else f"{i:09d}", "image": img,
-                   "metadata": json.dumps(meta, default=str) if meta else None, "text": None}
+            yield {
+                "key": str(key) if key is not None else f"{i:09d}",
+                "image": img,
+                "metadata": json.dumps(meta, default=str) if meta else None,
+                "text": None,
+            }
             i += 1
 
 
@@ -109,9 +115,19 @@ def _file_samples(shard: Shard, cfg: InputConfig) -> Iterator[dict]:
         try:
             img = fs.cat_file(path)
         except FileNotFoundError:
-            yield {"key": key, "source": join(shard.uri, key), **schema.error("missing_file", f"{path} vanished")}
+            yield {
+                "key": key,
+                "source": join(shard.uri, key),
+                **schema.error("missing_file", f"{path} vanished"),
+            }
             continue
-        yield {"key": key, "source": join(shard.uri, key), "image": img, "metadata": side["json"], "text": side["txt"]}
+        yield {
+            "key": key,
+            "source": join(shard.uri, key),
+            "image": img,
+            "metadata": side["json"],
+            "text": side["txt"],
+        }
 
 
 def _samples(shard: Shard, cfg: InputConfig, stats: dict) -> Iterator[dict]:
@@ -145,17 +161,34 @@ def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
                     rows = []
             break
         except (OSError, EOFError, tarfile.TarError, pa.ArrowException, ValueError) as e:
-            permanent = isinstance(e, (FileNotFoundError, PermissionError, ValueError, tarfile.ReadError, EOFError))
+            permanent = isinstance(
+                e, (FileNotFoundError, PermissionError, ValueError, tarfile.ReadError, EOFError)
+            )
             if permanent or attempt == READ_ATTEMPTS - 1:
                 if cfg.on_unreadable_shard == "fail":
                     raise RuntimeError(f"shard {shard.uri} unreadable: {e}") from e
                 log.warning("shard %s unreadable after %d samples: %s", shard.uri, emitted, e)
-                rows.append({"source": shard.uri, "sample_index": emitted, "shard_id": shard.shard_id,
-                             **schema.error("shard_unreadable", f"after {emitted} samples: {type(e).__name__}: {e}")})
+                rows.append(
+                    {
+                        "source": shard.uri,
+                        "sample_index": emitted,
+                        "shard_id": shard.shard_id,
+                        **schema.error(
+                            "shard_unreadable", f"after {emitted} samples: {type(e).__name__}: {e}"
+                        ),
+                    }
+                )
                 emitted += 1
                 break
             log.warning("shard %s: transient read error (%s), retry %d", shard.uri, e, attempt + 1)
             time.sleep(0.5 * 2**attempt)
-    rows.append({"source": shard.uri, "shard_id": shard.shard_id, "sample_index": -1,
-                 "shard_rows": emitted, "shard_skipped": stats["skipped"]})
+    rows.append(
+        {
+            "source": shard.uri,
+            "shard_id": shard.shard_id,
+            "sample_index": -1,
+            "shard_rows": emitted,
+            "shard_skipped": stats["skipped"],
+        }
+    )
     yield schema.table(rows, schema.SAMPLE_SCHEMA)

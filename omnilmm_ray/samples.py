@@ -16,8 +16,14 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 SHAPES = ["circle", "square", "triangle", "stripes"]
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
-           "purple": (140, 60, 170), "orange": (240, 140, 30)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 60, 170),
+    "orange": (240, 140, 30),
+}
 
 
 def draw(seed: int, size: tuple[int, int] = (320, 240)) -> tuple[Image.Image, str]:
@@ -68,15 +74,29 @@ def build_samples(root: str | Path, shards: int = 3, per_shard: int = 16, seed: 
         for i in range(per_shard):
             im, text = draw(n)
             key = f"{s:05d}{i:04d}"
-            samples.append((key, {"jpg": encode(im), "txt": text.encode(),
-                                  "json": json.dumps({"key": key, "caption": text}).encode()}))
+            samples.append(
+                (
+                    key,
+                    {
+                        "jpg": encode(im),
+                        "txt": text.encode(),
+                        "json": json.dumps({"key": key, "caption": text}).encode(),
+                    },
+                )
+            )
             n += 1
         out.append(write_tar(root / "webdataset" / f"{s:05d}.tar", samples))
     rows = []
     for i in range(per_shard):
         im, text = draw(n)
-        rows.append({"key": f"pq{i:04d}", "jpg": encode(im, "PNG"), "url": f"https://example.com/{i}.png",
-                     "caption": text})
+        rows.append(
+            {
+                "key": f"pq{i:04d}",
+                "jpg": encode(im, "PNG"),
+                "url": f"https://example.com/{i}.png",
+                "caption": text,
+            }
+        )
         n += 1
     (root / "parquet").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), root / "parquet" / "part-00000.parquet")

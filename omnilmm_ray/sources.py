@@ -81,7 +81,9 @@ def plan_shards(inputs: list[str], cfg: InputConfig) -> list[Shard]:
             group = loose[i : i + cfg.files_per_shard]
             keys = tuple(posixpath.relpath(p, root) for p, _ in group)
             fps = {unstrip(fs, p): fingerprint(info) for p, info in group}
-            sid = _shard_id(posixpath.basename(root) + f"-files{i // cfg.files_per_shard:05d}", "\n".join(fps))
+            sid = _shard_id(
+                posixpath.basename(root) + f"-files{i // cfg.files_per_shard:05d}", "\n".join(fps)
+            )
             size = sum(int(info.get("size") or 0) for _, info in group)
             shards[sid] = Shard(sid, "files", unstrip(fs, root), keys, fps, size)
         if not recognised and not loose:
@@ -105,6 +107,14 @@ def without_done(shards: list[Shard], done: dict[str, str]) -> list[Shard]:
             out.append(s)
         elif keep:
             fps = {u: s.fingerprints[u] for _, u in keep}
-            out.append(Shard(_shard_id(s.shard_id.rsplit("-", 1)[0], "\n".join(fps)), "files", s.uri,
-                             tuple(k for k, _ in keep), fps, s.size))
+            out.append(
+                Shard(
+                    _shard_id(s.shard_id.rsplit("-", 1)[0], "\n".join(fps)),
+                    "files",
+                    s.uri,
+                    tuple(k for k, _ in keep),
+                    fps,
+                    s.size,
+                )
+            )
     return out

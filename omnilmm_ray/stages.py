@@ -30,8 +30,13 @@ def read_shards(batch: pa.Table, cfg: JobConfig) -> Iterator[pa.Table]:
 
 
 def _caption_row(r: dict, cfg: JobConfig, c: Caption, cached: bool) -> dict:
-    r.update(caption=c.text, input_tokens=c.input_tokens, output_tokens=c.output_tokens,
-             finish_reason=c.finish_reason, cached=cached)
+    r.update(
+        caption=c.text,
+        input_tokens=c.input_tokens,
+        output_tokens=c.output_tokens,
+        finish_reason=c.finish_reason,
+        cached=cached,
+    )
     if c.error:
         r.update(caption=None, **schema.error("engine_error", c.error))
     elif not (c.text or "").strip():
@@ -78,7 +83,9 @@ class CaptionStage:
                 log.error("engine died, exiting the actor so Ray replaces it: %s", e)
                 os._exit(1)
             if len(captions) != len(todo):
-                log.error("engine returned %d captions for %d images; exiting the actor", len(captions), len(todo))
+                log.error(
+                    "engine returned %d captions for %d images; exiting the actor", len(captions), len(todo)
+                )
                 os._exit(1)
             for (r, _), c in zip(todo, captions):
                 _caption_row(r, self.cfg, c, cached=False)

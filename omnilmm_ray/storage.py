@@ -32,7 +32,9 @@ def fingerprint(info: dict[str, Any]) -> str:
     """What identifies one version of a file: size plus version id, ETag or mtime (whichever the store gives)."""
     version = info.get("VersionId") or info.get("ETag") or info.get("etag") or info.get("md5Hash")
     if not version:
-        mtime = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("last_modified")
+        mtime = (
+            info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("last_modified")
+        )
         version = mtime.isoformat() if hasattr(mtime, "isoformat") else str(mtime)
     return f"{info.get('size')}:{str(version).strip(chr(34))}"
 

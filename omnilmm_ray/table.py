@@ -68,7 +68,8 @@ class OutputTable:
             if plan and plan["fingerprint"] != fp:
                 raise ConfigError(
                     f"output: {self.uri} holds run {rid} made with other settings ({plan['fingerprint']}); "
-                    "captions with different model/prompt/generation settings go to a new --output")
+                    "captions with different model/prompt/generation settings go to a new --output"
+                )
         if ids and not self.is_sealed(ids[-1]) and self.plan_of(ids[-1]) is not None:
             plan = self.plan_of(ids[-1])
             return Run(ids[-1], self.run_uri(ids[-1]), [Shard.from_dict(s) for s in plan["shards"]], True)
@@ -80,22 +81,33 @@ class OutputTable:
         rid = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         run = Run(rid, self.run_uri(rid), shards, False)
         if write:
-            write_json(self.fs, join(self.path, f"run={rid}", "_plan.json"),
-                       {"run_id": rid, "fingerprint": fp, "inputs": cfg.inputs,
-                        "shards": [s.to_dict() for s in shards]})
+            write_json(
+                self.fs,
+                join(self.path, f"run={rid}", "_plan.json"),
+                {
+                    "run_id": rid,
+                    "fingerprint": fp,
+                    "inputs": cfg.inputs,
+                    "shards": [s.to_dict() for s in shards],
+                },
+            )
         return run
 
     def committed_files(self) -> list[str]:
         files = []
         for rid in self.sealed_runs():
-            files += [join(self.path, f"run={rid}", f"{s['shard_id']}.parquet") for s in self.plan_of(rid)["shards"]]
+            files += [
+                join(self.path, f"run={rid}", f"{s['shard_id']}.parquet") for s in self.plan_of(rid)["shards"]
+            ]
         return files
 
     def read_committed(self, columns: list[str] | None = None) -> pa.Table:
         """All rows of sealed runs, with a `run` column."""
         parts = []
         for rid in self.sealed_runs():
-            files = [join(self.path, f"run={rid}", f"{s['shard_id']}.parquet") for s in self.plan_of(rid)["shards"]]
+            files = [
+                join(self.path, f"run={rid}", f"{s['shard_id']}.parquet") for s in self.plan_of(rid)["shards"]
+            ]
             if files:
                 t = pads.dataset(files, filesystem=self.fs, format="parquet").to_table(columns=columns)
                 parts.append(t.append_column("run", pa.array([rid] * len(t), pa.string())))
@@ -116,14 +128,21 @@ class OutputTable:
 
     def reuse_cache(self, cfg: JobConfig) -> dict[str, dict]:
         """sha256 -> caption fields of successful rows in sealed runs (same settings: see open_run)."""
-        t = self.read_committed(["sha256", "caption", "input_tokens", "output_tokens", "finish_reason", "error"])
+        t = self.read_committed(
+            ["sha256", "caption", "input_tokens", "output_tokens", "finish_reason", "error"]
+        )
         if not len(t):
             return {}
         t = t.filter(pc.and_(pc.is_null(t.column("error")), pc.is_valid(t.column("sha256"))))
         out = {}
-        for r in t.select(["sha256", "caption", "input_tokens", "output_tokens", "finish_reason"]).to_pylist():
+        for r in t.select(
+            ["sha256", "caption", "input_tokens", "output_tokens", "finish_reason"]
+        ).to_pylist():
             sha = r.pop("sha256")
-            out[sha] = {"text": r["caption"], **{k: r[k] for k in ("input_tokens", "output_tokens", "finish_reason")}}
+            out[sha] = {
+                "text": r["caption"],
+                **{k: r[k] for k in ("input_tokens", "output_tokens", "finish_reason")},
+            }
         return out
 
     def describe(self) -> str:

@@ -26,8 +26,10 @@ def truncated() -> bytes:
 def bomb(side: int = 20_000) -> bytes:
     """A tiny PNG whose header claims side x side pixels (decoding it would need gigabytes)."""
     raw = zlib.compress(b"\x00" * (side // 8 + 1) * 8, 9)  # never read: the header check refuses first
+
     def chunk(t, d):
         return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
     ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
 

@@ -16,10 +16,23 @@ from omnilmm_ray.stages import CaptionStage
 
 
 def engine_rows(shard_id, n, skipped=0):
-    rows = [{"source": f"src-{shard_id}", "shard_id": shard_id, "key": f"k{i}", "sample_index": i,
-             "caption": f"c{i}"} for i in range(n)]
-    return rows, {"source": f"src-{shard_id}", "shard_id": shard_id, "sample_index": -1,
-                  "shard_rows": n, "shard_skipped": skipped}
+    rows = [
+        {
+            "source": f"src-{shard_id}",
+            "shard_id": shard_id,
+            "key": f"k{i}",
+            "sample_index": i,
+            "caption": f"c{i}",
+        }
+        for i in range(n)
+    ]
+    return rows, {
+        "source": f"src-{shard_id}",
+        "shard_id": shard_id,
+        "sample_index": -1,
+        "shard_rows": n,
+        "shard_skipped": skipped,
+    }
 
 
 def test_out_of_order_repeated_rows_commit_each_shard_once(tmp_path):
@@ -33,7 +46,10 @@ def test_out_of_order_repeated_rows_commit_each_shard_once(tmp_path):
         c.add(schema.table(stream[i : i + 3], schema.ENGINE_SCHEMA))
     assert c.committed == {"a", "b"} and c.uncommitted() == [] and c.duplicates_dropped == 7
     t = pq.read_table(shard_file(str(tmp_path), "a"))
-    assert t.column("sample_index").to_pylist() == list(range(10)) and t.schema.names == schema.OUTPUT_SCHEMA.names
+    assert (
+        t.column("sample_index").to_pylist() == list(range(10))
+        and t.schema.names == schema.OUTPUT_SCHEMA.names
+    )
     assert committed_shards(str(tmp_path)) == {"a", "b"}
     rows = verify_run(str(tmp_path), shards)
     assert len(rows) == 15 and rows.schema.metadata[b"skipped"] == b"2"
@@ -62,10 +78,16 @@ def test_verify_refuses_a_missing_or_wrong_shard(tmp_path):
 
 
 def _pixels_batch(images):
-    rows = [{"source": "s", "shard_id": "a", "sample_index": i, "key": f"k{i}", "image": im}
-            for i, im in enumerate(images)]
-    rows.append({"source": "s", "shard_id": "a", "sample_index": -1, "shard_rows": len(images), "shard_skipped": 0})
-    return preprocess_batch(schema.table(rows, schema.SAMPLE_SCHEMA), JobConfig(inputs=["x"], output="o").preprocess)
+    rows = [
+        {"source": "s", "shard_id": "a", "sample_index": i, "key": f"k{i}", "image": im}
+        for i, im in enumerate(images)
+    ]
+    rows.append(
+        {"source": "s", "shard_id": "a", "sample_index": -1, "shard_rows": len(images), "shard_skipped": 0}
+    )
+    return preprocess_batch(
+        schema.table(rows, schema.SAMPLE_SCHEMA), JobConfig(inputs=["x"], output="o").preprocess
+    )
 
 
 def test_caption_stage_with_fake_engine(tmp_path):

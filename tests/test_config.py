@@ -13,13 +13,16 @@ def test_cli_wins_over_yaml(tmp_path):
     assert cfg.engine.model == "m" and cfg.engine.backend == "fake"
 
 
-@pytest.mark.parametrize("overrides, yaml_text, needle", [
-    ({"batch_size": 0}, "", "scale.batch_size"),
-    ({"engine": "vllm"}, "", "engine.backend"),
-    ({}, "engine: {tpp: 2}\n", "engine.tpp"),
-    ({}, "scale: {min_actors: 3, max_actors: 1}\n", "max_actors"),
-    ({"max_error_rate": 2.0}, "", "sink.max_error_rate"),
-])
+@pytest.mark.parametrize(
+    "overrides, yaml_text, needle",
+    [
+        ({"batch_size": 0}, "", "scale.batch_size"),
+        ({"engine": "vllm"}, "", "engine.backend"),
+        ({}, "engine: {tpp: 2}\n", "engine.tpp"),
+        ({}, "scale: {min_actors: 3, max_actors: 1}\n", "max_actors"),
+        ({"max_error_rate": 2.0}, "", "sink.max_error_rate"),
+    ],
+)
 def test_bad_values_name_the_field(tmp_path, overrides, yaml_text, needle):
     f = tmp_path / "job.yaml"
     f.write_text("inputs: [a]\noutput: o\n" + yaml_text)

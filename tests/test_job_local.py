@@ -18,24 +18,45 @@ pytestmark = pytest.mark.integration
 def read_run(out) -> tuple[pa.Table, dict]:
     run = sorted(Path(out).glob("run=*"))[-1]
     assert (run / "_SUCCESS").exists()
-    return pads.dataset(str(run), format="parquet").to_table(), json.loads((run / "_summary.json").read_text())
+    return pads.dataset(str(run), format="parquet").to_table(), json.loads(
+        (run / "_summary.json").read_text()
+    )
 
 
 @pytest.fixture(scope="module")
 def mixed_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("mixed")
     build_samples(root, shards=2, per_shard=8)
-    samples = [(name, {"jpg" if name != "bomb" else "png": make()}) for name, (make, _) in hostile.CASES.items()]
+    samples = [
+        (name, {"jpg" if name != "bomb" else "png": make()}) for name, (make, _) in hostile.CASES.items()
+    ]
     samples.insert(3, ("no_image", {"json": b"{}", "txt": b"orphan sidecar"}))
     write_tar(root / "webdataset" / "hostile.tar", samples)
-    pq.write_table(pa.table({"key": ["p0", "p1"], "image": [encode(draw(5)[0]), None]}), root / "parquet" / "nulls.parquet")
+    pq.write_table(
+        pa.table({"key": ["p0", "p1"], "image": [encode(draw(5)[0]), None]}),
+        root / "parquet" / "nulls.parquet",
+    )
     return root
 
 
 def test_mixed_inputs_one_row_per_image_and_error_rows(ray_local, mixed_inputs, tmp_path):
     out = tmp_path / "out"
-    rc = cli.main(["--input", str(mixed_inputs / "webdataset"), "--input", str(mixed_inputs / "parquet"),
-                   "--input", str(mixed_inputs / "files"), "--output", str(out), "--engine", "fake", "--batch-size", "8"])
+    rc = cli.main(
+        [
+            "--input",
+            str(mixed_inputs / "webdataset"),
+            "--input",
+            str(mixed_inputs / "parquet"),
+            "--input",
+            str(mixed_inputs / "files"),
+            "--output",
+            str(out),
+            "--engine",
+            "fake",
+            "--batch-size",
+            "8",
+        ]
+    )
     assert rc == 0
     t, summary = read_run(out)
     n_images = 2 * 8 + len(hostile.CASES) + 8 + 2 + 4
@@ -60,9 +81,20 @@ def test_s3_input_and_output_via_aws_endpoint_url(ray_local, s3, tmp_path):
     s3.mkdir("captions-in")
     s3.mkdir("captions-out")
     s3.put(str(local) + "/", "captions-in/data/", recursive=True)
-    rc = cli.main(["--input", "s3://captions-in/data/webdataset/*.tar", "--input", "s3://captions-in/data/files",
-                   "--input", "s3://captions-in/data/parquet", "--output", "s3://captions-out/table",
-                   "--engine", "fake"])
+    rc = cli.main(
+        [
+            "--input",
+            "s3://captions-in/data/webdataset/*.tar",
+            "--input",
+            "s3://captions-in/data/files",
+            "--input",
+            "s3://captions-in/data/parquet",
+            "--output",
+            "s3://captions-out/table",
+            "--engine",
+            "fake",
+        ]
+    )
     assert rc == 0
     runs = [p for p in s3.ls("captions-out/table") if p.rsplit("/", 1)[-1].startswith("run=")]
     assert len(runs) == 1 and s3.exists(f"{runs[0]}/_SUCCESS")
@@ -77,16 +109,23 @@ def test_bad_config_input_and_output_fail_before_work(ray_local, mixed_inputs, t
     out = tmp_path / "out"
     assert cli.main(["--input", str(mixed_inputs), "--output", str(out), "--batch-size", "0"]) == 2
     assert "scale.batch_size" in capsys.readouterr().err
-    assert cli.main(["--input", str(tmp_path / "nothing-*.tar"), "--output", str(out), "--engine", "fake"]) == 2
+    assert (
+        cli.main(["--input", str(tmp_path / "nothing-*.tar"), "--output", str(out), "--engine", "fake"]) == 2
+    )
     assert "matches no file" in capsys.readouterr().err
-    assert cli.main(["--input", str(mixed_inputs), "--output", "s3://no-such-bucket-here/x", "--engine", "fake"]) == 2
+    assert (
+        cli.main(["--input", str(mixed_inputs), "--output", "s3://no-such-bucket-here/x", "--engine", "fake"])
+        == 2
+    )
     assert "output: s3://no-such-bucket-here/x is not reachable" in capsys.readouterr().err
     assert not list(out.glob("*"))
 
 
 def test_dry_run_lists_and_runs_nothing(mixed_inputs, tmp_path, capsys):
     out = tmp_path / "out"
-    assert cli.main(["--input", str(mixed_inputs), "--output", str(out), "--engine", "fake", "--dry-run"]) == 0
+    assert (
+        cli.main(["--input", str(mixed_inputs), "--output", str(out), "--engine", "fake", "--dry-run"]) == 0
+    )
     plan = json.loads(capsys.readouterr().out)["dry_run"]
     assert plan["by_format"] == {"tar": 3, "parquet": 2, "files": 1} and plan["mode"] == "new run"
     assert plan["actors"]["num_gpus"] == 0

@@ -75,8 +75,14 @@ def test_preprocess_batch_turns_failures_into_rows_and_passes_markers():
     rows = [
         {"source": "s", "shard_id": "a", "sample_index": 0, "key": "ok", "image": good},
         {"source": "s", "shard_id": "a", "sample_index": 1, "key": "bad", "image": b"xx"},
-        {"source": "s", "shard_id": "a", "sample_index": 2, "key": "nul", "image": None,
-         **schema.error("missing_image", "null image bytes")},
+        {
+            "source": "s",
+            "shard_id": "a",
+            "sample_index": 2,
+            "key": "nul",
+            "image": None,
+            **schema.error("missing_image", "null image bytes"),
+        },
         {"source": "s", "shard_id": "a", "sample_index": -1, "shard_rows": 3, "shard_skipped": 0},
     ]
     out = preprocess_batch(schema.table(rows, schema.SAMPLE_SCHEMA), CFG)

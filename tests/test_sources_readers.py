@@ -53,11 +53,14 @@ def test_input_with_only_unknown_files_is_a_config_error(tmp_path):
 
 def test_tar_samples_sidecars_and_sample_without_image(tmp_path):
     img = encode(draw(1)[0])
-    p = write_tar(tmp_path / "a.tar", [
-        ("k1", {"jpg": img, "json": b'{"url": "u1"}', "txt": b"one"}),
-        ("k2", {"json": b'{"url": "u2"}'}),  # no image: skipped and counted, not a row
-        ("sub/k3", {"PNG": encode(draw(2)[0], "PNG")}),
-    ])
+    p = write_tar(
+        tmp_path / "a.tar",
+        [
+            ("k1", {"jpg": img, "json": b'{"url": "u1"}', "txt": b"one"}),
+            ("k2", {"json": b'{"url": "u2"}'}),  # no image: skipped and counted, not a row
+            ("sub/k3", {"PNG": encode(draw(2)[0], "PNG")}),
+        ],
+    )
     rows, end = rows_of(plan_shards([str(p)], CFG)[0])
     assert [(r["key"], r["sample_index"]) for r in rows] == [("k1", 0), ("sub/k3", 1)]
     assert json.loads(rows[0]["metadata"]) == {"url": "u1"} and rows[0]["text"] == "one"
@@ -87,7 +90,9 @@ def test_unreadable_shard_can_fail_the_run(tmp_path):
 
 def test_parquet_keys_metadata_null_bytes_and_hf_struct(tmp_path):
     img = encode(draw(3)[0])
-    pq.write_table(pa.table({"key": ["a", "b"], "jpg": [img, None], "url": ["u", "v"]}), tmp_path / "x.parquet")
+    pq.write_table(
+        pa.table({"key": ["a", "b"], "jpg": [img, None], "url": ["u", "v"]}), tmp_path / "x.parquet"
+    )
     rows, end = rows_of(plan_shards([str(tmp_path / "x.parquet")], CFG)[0])
     assert [r["key"] for r in rows] == ["a", "b"] and json.loads(rows[0]["metadata"]) == {"url": "u"}
     assert rows[1]["error_kind"] == "missing_image" and end["shard_rows"] == 2
@@ -101,7 +106,9 @@ def test_parquet_without_image_column_names_the_setting(tmp_path):
     pq.write_table(pa.table({"pixels": [b"x"]}), tmp_path / "y.parquet")
     rows, _ = rows_of(plan_shards([str(tmp_path / "y.parquet")], CFG)[0])
     assert rows[0]["error_kind"] == "shard_unreadable" and "input.parquet_image_columns" in rows[0]["error"]
-    rows, _ = rows_of(plan_shards([str(tmp_path / "y.parquet")], CFG)[0], InputConfig(parquet_image_columns=["pixels"]))
+    rows, _ = rows_of(
+        plan_shards([str(tmp_path / "y.parquet")], CFG)[0], InputConfig(parquet_image_columns=["pixels"])
+    )
     assert rows[0]["image"] == b"x"
 
 
@@ -119,7 +126,9 @@ def test_without_done_skips_unchanged_files(tmp_path):
     shards = plan_shards([str(tmp_path)], CFG)
     done = {u: fp for s in shards for u, fp in s.fingerprints.items()}
     assert without_done(shards, done) == []
-    (tmp_path / "webdataset" / "00001.tar").write_bytes((tmp_path / "webdataset" / "00000.tar").read_bytes() + b"\0" * 512)
+    (tmp_path / "webdataset" / "00001.tar").write_bytes(
+        (tmp_path / "webdataset" / "00000.tar").read_bytes() + b"\0" * 512
+    )
     new = plan_shards([str(tmp_path)], CFG)
     assert [s.uri for s in without_done(new, done)] == [str(tmp_path / "webdataset" / "00001.tar")]
     one_file = next(u for s in shards if s.format == "files" for u in s.fingerprints)

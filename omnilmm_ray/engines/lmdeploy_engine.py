@@ -27,21 +27,33 @@ def resolve_backend(cfg: EngineConfig) -> str:
     try:
         arch, hf_cfg = get_model_arch(cfg.model, trust_remote_code=cfg.trust_remote_code)
     except Exception as e:
-        raise ValueError(f"engine.model: cannot load the config of {cfg.model!r} ({type(e).__name__}: {e}); "
-                         "give a local model folder or a Hugging Face id reachable from the GPU workers") from None
+        raise ValueError(
+            f"engine.model: cannot load the config of {cfg.model!r} ({type(e).__name__}: {e}); "
+            "give a local model folder or a Hugging Face id reachable from the GPU workers"
+        ) from None
     if not check_vl_llm("turbomind", hf_cfg.to_dict()):
-        raise ValueError(f"engine.model: {cfg.model!r} ({arch}) is not a vision-language model lmdeploy can "
-                         "serve; pick one from lmdeploy's supported VLM list")
+        raise ValueError(
+            f"engine.model: {cfg.model!r} ({arch}) is not a vision-language model lmdeploy can "
+            "serve; pick one from lmdeploy's supported VLM list"
+        )
     turbomind_ok = is_supported(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if cfg.backend == "turbomind" and not turbomind_ok:
-        raise ValueError(f"engine.backend: TurboMind does not support {cfg.model!r} ({arch}; supported: "
-                         f"{', '.join(sorted(SUPPORTED_ARCHS))}); use --engine pytorch or auto")
+        raise ValueError(
+            f"engine.backend: TurboMind does not support {cfg.model!r} ({arch}; supported: "
+            f"{', '.join(sorted(SUPPORTED_ARCHS))}); use --engine pytorch or auto"
+        )
     backend = cfg.backend if cfg.backend != "auto" else ("turbomind" if turbomind_ok else "pytorch")
     if backend == "pytorch" and arch not in MODULE_MAP:
-        raise ValueError(f"engine.model: lmdeploy's PyTorch engine has no implementation of {arch} "
-                         f"({cfg.model!r}); pick a supported model")
+        raise ValueError(
+            f"engine.model: lmdeploy's PyTorch engine has no implementation of {arch} "
+            f"({cfg.model!r}); pick a supported model"
+        )
     if cfg.backend == "auto" and backend == "pytorch":
-        log.warning("engine: TurboMind does not support %s (%s); routing to lmdeploy's PyTorch engine", cfg.model, arch)
+        log.warning(
+            "engine: TurboMind does not support %s (%s); routing to lmdeploy's PyTorch engine",
+            cfg.model,
+            arch,
+        )
     return backend
 
 
@@ -51,8 +63,12 @@ class LmdeployEngine:
 
         self.backend = resolve_backend(cfg)
         self.name = f"lmdeploy-{self.backend}"
-        common = dict(session_len=cfg.session_len, tp=cfg.tp, cache_max_entry_count=cfg.cache_max_entry_count,
-                      quant_policy=cfg.quant_policy)
+        common = dict(
+            session_len=cfg.session_len,
+            tp=cfg.tp,
+            cache_max_entry_count=cfg.cache_max_entry_count,
+            quant_policy=cfg.quant_policy,
+        )
         if cfg.max_batch_size:
             common["max_batch_size"] = cfg.max_batch_size
         if self.backend == "turbomind":
@@ -63,7 +79,9 @@ class LmdeployEngine:
         self.pipe = lmdeploy.pipeline(
             cfg.model,
             backend_config=backend_config,
-            chat_template_config=lmdeploy.ChatTemplateConfig(cfg.chat_template) if cfg.chat_template else None,
+            chat_template_config=lmdeploy.ChatTemplateConfig(cfg.chat_template)
+            if cfg.chat_template
+            else None,
             vision_config=lmdeploy.VisionConfig(max_batch_size=cfg.vision_max_batch_size),
             trust_remote_code=cfg.trust_remote_code,
             log_level="WARNING",
@@ -97,8 +115,15 @@ class LmdeployEngine:
         out = []
         for r in responses:
             if r.finish_reason in ("error", "abort"):
-                out.append(Caption(None, r.input_token_len, r.generate_token_len, r.finish_reason,
-                                   error=f"engine finished with {r.finish_reason!r}"))
+                out.append(
+                    Caption(
+                        None,
+                        r.input_token_len,
+                        r.generate_token_len,
+                        r.finish_reason,
+                        error=f"engine finished with {r.finish_reason!r}",
+                    )
+                )
             else:
                 out.append(Caption(self._text(r), r.input_token_len, r.generate_token_len, r.finish_reason))
         return out

@@ -14,9 +14,20 @@ import sys
 from pathlib import Path
 
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 ]
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
@@ -28,12 +39,31 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 VOCAB = 512
-TEXT = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6, hidden_act="silu",
-            vocab_size=VOCAB, tie_word_embeddings=False)
+TEXT = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+    hidden_act="silu",
+    vocab_size=VOCAB,
+    tie_word_embeddings=False,
+)
 ROPE = {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1_000_000.0}
-VISION = dict(depth=2, embed_dim=128, num_heads=2, mlp_ratio=4, patch_size=14, temporal_patch_size=2,
-              spatial_merge_size=2, in_channels=3, hidden_size=256, hidden_act="quick_gelu")
+VISION = dict(
+    depth=2,
+    embed_dim=128,
+    num_heads=2,
+    mlp_ratio=4,
+    patch_size=14,
+    temporal_patch_size=2,
+    spatial_merge_size=2,
+    in_channels=3,
+    hidden_size=256,
+    hidden_act="quick_gelu",
+)
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 224 * 224
 
 
@@ -44,14 +74,27 @@ def _tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    corpus = ["a photo of a red circle on a blue background", "Describe this image in one sentence.",
-              "the quick brown fox jumps over the lazy dog", "You are a helpful assistant.", "system user assistant"]
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB - len(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = [
+        "a photo of a red circle on a blue background",
+        "Describe this image in one sentence.",
+        "the quick brown fox jumps over the lazy dog",
+        "You are a helpful assistant.",
+        "system user assistant",
+    ]
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB - len(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus * 50, trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token=None, additional_special_tokens=SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        additional_special_tokens=SPECIAL_TOKENS,
+    )
     fast.chat_template = CHAT_TEMPLATE
     # Cover every id the model can emit, or detokenizing a random model's output meets unknown ids.
     fast.add_tokens([f"<|extra_{i}|>" for i in range(VOCAB - len(fast))])
@@ -67,11 +110,22 @@ def build(out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tok = _tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    token_ids = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                     vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    text = {**TEXT, "rope_theta": ROPE["rope_theta"], "rope_scaling": {"type": "mrope", **ROPE},
-            "rope_parameters": ROPE, "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
-            "dtype": dtype, "torch_dtype": dtype}
+    token_ids = dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    text = {
+        **TEXT,
+        "rope_theta": ROPE["rope_theta"],
+        "rope_scaling": {"type": "mrope", **ROPE},
+        "rope_parameters": ROPE,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "dtype": dtype,
+        "torch_dtype": dtype,
+    }
     cfg = Qwen2VLConfig(text_config=text, vision_config={**VISION, "dtype": dtype}, **token_ids)
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -98,10 +152,19 @@ def build(out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16") -> Path:
     cfg_dict["model_type"] = "qwen2_vl"
     cfg_dict["torch_dtype"] = cfg_dict["dtype"] = dtype
     (out / "config.json").write_text(json.dumps(cfg_dict, indent=1))
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-         "pad_token_id": ids["<|endoftext|>"], "do_sample": False}))
-    proc = dict(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=14, temporal_patch_size=2, merge_size=2)
+    (out / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token_id": ids["<|endoftext|>"],
+                "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+                "pad_token_id": ids["<|endoftext|>"],
+                "do_sample": False,
+            }
+        )
+    )
+    proc = dict(
+        min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=14, temporal_patch_size=2, merge_size=2
+    )
     Qwen2VLImageProcessor(**proc).save_pretrained(out)
     tok.save_pretrained(out)
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
@@ -112,9 +175,16 @@ def build(out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16") -> Path:
 
         Qwen2VLVideoProcessor(**proc).save_pretrained(out)
     except ImportError:
-        (out / "video_preprocessor_config.json").write_text(json.dumps(
-            {"video_processor_type": "Qwen2VLVideoProcessor", "processor_class": "Qwen2VLProcessor", **proc,
-             "size": {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}}))
+        (out / "video_preprocessor_config.json").write_text(
+            json.dumps(
+                {
+                    "video_processor_type": "Qwen2VLVideoProcessor",
+                    "processor_class": "Qwen2VLProcessor",
+                    **proc,
+                    "size": {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS},
+                }
+            )
+        )
     (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
     return out
 

@@ -38,8 +38,16 @@ def test_tiny_qwen2vl_auto_picks_turbomind(tiny_model):
 def test_unknown_model_fails_before_any_shard_is_read(tmp_path, capsys):
     d = tmp_path / "mystery"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"architectures": ["MysteryVLForCausalLM"], "model_type": "llama",
-                                               "hidden_size": 64, "num_attention_heads": 2}))
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["MysteryVLForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": 64,
+                "num_attention_heads": 2,
+            }
+        )
+    )
     build_samples(tmp_path / "in", shards=1, per_shard=4)
     out = tmp_path / "out"
     rc = cli.main(["--input", str(tmp_path / "in" / "webdataset"), "--output", str(out), "--model", str(d)])

@@ -18,7 +18,9 @@ pytestmark = pytest.mark.gpu
 def ray_gpu():
     import ray
 
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]
+    )
     if ray.is_initialized():  # an earlier test ran the CLI, which starts Ray itself
         ray.shutdown()
     ray.init(num_cpus=8, include_dashboard=False)
@@ -31,33 +33,54 @@ def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("in")
     build_samples(root, shards=4, per_shard=64)
     good = encode(draw(7)[0])
-    write_tar(root / "webdataset" / "99999.tar", [
-        ("bad_bytes", {"jpg": b"definitely not a jpeg"}),
-        ("truncated", {"jpg": good[: len(good) // 3]}),
-        ("fine", {"jpg": good}),
-    ])
+    write_tar(
+        root / "webdataset" / "99999.tar",
+        [
+            ("bad_bytes", {"jpg": b"definitely not a jpeg"}),
+            ("truncated", {"jpg": good[: len(good) // 3]}),
+            ("fine", {"jpg": good}),
+        ],
+    )
     return root / "webdataset"
 
 
 def _config(tmp_path, tiny_model, backend):
     cfg = tmp_path / "job.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "engine": {"backend": backend, "model": tiny_model, "session_len": 2048, "cache_max_entry_count": 0.2},
-        "generation": {"max_new_tokens": 16},
-        "scale": {"batch_size": 16},
-        "preprocess": {"max_side": 224},
-    }))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "engine": {
+                    "backend": backend,
+                    "model": tiny_model,
+                    "session_len": 2048,
+                    "cache_max_entry_count": 0.2,
+                },
+                "generation": {"max_new_tokens": 16},
+                "scale": {"batch_size": 16},
+                "preprocess": {"max_side": 224},
+            }
+        )
+    )
     return str(cfg)
 
 
 def _run(tmp_path, tiny_model, backend, inputs):
     out = tmp_path / "out"
-    rc = cli.main(["--config", _config(tmp_path, tiny_model, backend), "--output", str(out), *sum(
-        (["--input", str(i)] for i in inputs), [])])
+    rc = cli.main(
+        [
+            "--config",
+            _config(tmp_path, tiny_model, backend),
+            "--output",
+            str(out),
+            *sum((["--input", str(i)] for i in inputs), []),
+        ]
+    )
     assert rc == 0
     run = sorted(out.glob("run=*"))[-1]
     assert (run / "_SUCCESS").exists()
-    return pads.dataset(str(run), format="parquet").to_table(), json.loads((run / "_summary.json").read_text())
+    return pads.dataset(str(run), format="parquet").to_table(), json.loads(
+        (run / "_summary.json").read_text()
+    )
 
 
 def test_job_turbomind_gpu_actor_pool(ray_gpu, tiny_model, shards, tmp_path):
