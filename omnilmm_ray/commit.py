@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from omnilmm_ray import schema
+from omnilmm_ray.faults import kill_point
 from omnilmm_ray.sources import Shard
 from omnilmm_ray.storage import join, resolve, write_parquet_atomic
 
@@ -86,6 +87,7 @@ class ShardCommitter:
         del self.pending[sid]
         self.committed.add(sid)
         log.info("committed shard %s (%d rows)", shard.uri, p.expected)
+        kill_point(f"commit:{len(self.committed)}")
 
     def uncommitted(self) -> list[str]:
         return sorted(self.pending)

@@ -69,6 +69,9 @@ class EngineConfig(_Strict):
     trust_remote_code: bool = Field(False, description="Allow model repositories to run their own code.")
     chat_template: str | None = Field(None, description="lmdeploy chat template name to force.")
     vision_max_batch_size: int = Field(8, gt=0, description="lmdeploy VisionConfig.max_batch_size.")
+    max_crashes_per_image: int = Field(
+        1, ge=1, description="An image on which the engine died this many times, alone, becomes an error row."
+    )
     fake_delay_s: float = Field(
         0.0, ge=0, description="Fake engine only: sleep per batch to emulate GPU time."
     )
@@ -76,6 +79,13 @@ class EngineConfig(_Strict):
         None,
         ge=1,
         description="Fake engine only (fault drills): the actor process dies on its Nth batch, once per job.",
+    )
+    fake_calls_log: str | None = Field(
+        None,
+        description="Fake engine only: append each batch's image count to this local file (work counting).",
+    )
+    fake_crash_on_size: tuple[int, int] | None = Field(
+        None, description="Fake engine only (fault drills): the actor dies on every image of this (w, h)."
     )
 
 
@@ -93,6 +103,12 @@ class ScaleConfig(_Strict):
     min_actors: int = Field(1, ge=1, description="Engine actors kept alive.")
     max_actors: int = Field(1, ge=1, description="Engine actors the pool may grow to.")
     max_batches_in_flight: int = Field(2, ge=1, description="Batches queued per engine actor.")
+    shards_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="Shards read at once (default 2 per engine actor, at least 4). Fewer shards in flight "
+        "means less work redone after a crash (commits are per shard) and less driver memory.",
+    )
 
     @model_validator(mode="after")
     def _pool(self) -> ScaleConfig:

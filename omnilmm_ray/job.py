@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from omnilmm_ray.commit import ShardCommitter, committed_shards, verify_run
 from omnilmm_ray.config import ConfigError, JobConfig
+from omnilmm_ray.faults import kill_point
 from omnilmm_ray.lease import Lease
 from omnilmm_ray.storage import join, write_bytes_atomic, write_json
 from omnilmm_ray.table import OutputTable, Run
@@ -117,7 +118,9 @@ def run_job(cfg: JobConfig, dry_run: bool = False) -> dict:
         return {"dry_run": describe(cfg, table.open_run(cfg, write=False))}
     backend = preflight_engine(cfg)
     with Lease(cfg.output, cfg.sink.lock_ttl_s, cfg.sink.storage_options):
+        kill_point("lease")
         run = table.open_run(cfg)
+        kill_point("plan")
         done = committed_shards(run.uri, cfg.sink.storage_options)
         todo = [s for s in run.shards if s.shard_id not in done]
         log.info(
@@ -141,6 +144,7 @@ def run_job(cfg: JobConfig, dry_run: bool = False) -> dict:
                 f"pipeline ended with shards not fully captioned: {committer.uncommitted()[:5]}"
             )
         wall = time.time() - t0
+        kill_point("verify")
         rows = verify_run(run.uri, run.shards, cfg.sink.storage_options)
         attempt = {
             "resumed": run.resumed,
@@ -158,6 +162,7 @@ def run_job(cfg: JobConfig, dry_run: bool = False) -> dict:
             summary["status"] = "failed: error budget exceeded"
         fs, path = table.fs, join(table.path, f"run={run.run_id}")
         write_json(fs, join(path, "_summary.json"), summary)
+        kill_point("seal")
         if over:
             raise ErrorBudgetExceeded(
                 f"{summary['error_rate']:.1%} of rows are errors, above sink.max_error_rate="

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 import ray
 import ray.data
-from ray.data import ActorPoolStrategy
+from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from omnilmm_ray.config import JobConfig
 from omnilmm_ray.preprocess import preprocess_batch
@@ -36,11 +36,20 @@ def engine_resources(cfg: JobConfig) -> dict:
     return {"num_cpus": 1, "num_gpus": cfg.engine.tp}
 
 
+def shards_in_flight(cfg: JobConfig) -> int:
+    return cfg.scale.shards_in_flight or max(4, 2 * cfg.scale.max_actors)
+
+
 def build_dataset(shards: list[Shard], cfg: JobConfig, run_uri: str, reuse: dict | None) -> ray.data.Dataset:
     items = [{"shard": json.dumps(s.to_dict())} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), MAX_INPUT_BLOCKS)))
     ds = ds.map_batches(
-        read_shards, fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS
+        read_shards,
+        fn_kwargs={"cfg": cfg},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=READ_CPUS,
+        compute=TaskPoolStrategy(size=shards_in_flight(cfg)),
     )
     ds = ds.map_batches(
         preprocess_batch,

@@ -11,16 +11,22 @@ import os
 from collections.abc import Iterator
 
 import pyarrow as pa
+from PIL import Image
 
 from omnilmm_ray import schema
 from omnilmm_ray.config import JobConfig
 from omnilmm_ray.engines import Caption, EngineDied, make_engine
+from omnilmm_ray.faults import FlightRecorder
 from omnilmm_ray.preprocess import pixels_to_image
 from omnilmm_ray.readers import read_shard
 from omnilmm_ray.sources import Shard
 from omnilmm_ray.storage import join
 
 log = logging.getLogger(__name__)
+
+
+def _ids(todo: list[tuple[dict, Image.Image]]) -> list[str]:
+    return [f"{r['shard_id']}:{r['sample_index']}" for r, _ in todo]
 
 
 def read_shards(batch: pa.Table, cfg: JobConfig) -> Iterator[pa.Table]:
@@ -48,8 +54,9 @@ class CaptionStage:
     """The GPU actor: builds one engine in `__init__`, captions fixed-size batches in `__call__`.
 
     `reuse` maps image sha256 -> an earlier run's caption (same model, prompt and settings); those rows
-    skip the engine. An engine that dies takes the actor down with it so Ray restarts the actor and
-    retries the batch on a healthy one.
+    skip the engine. An engine that dies takes the actor down with it; Ray restarts the actor and retries
+    the batch, which the flight recorder then splits so that an image that kills engines by itself ends
+    as an `engine_crash` error row instead of killing actors forever.
     """
 
     def __init__(self, cfg: JobConfig, run_uri: str, reuse=None):
@@ -60,6 +67,7 @@ class CaptionStage:
         self.cfg = cfg
         self.reuse = reuse or {}
         self.engine = make_engine(cfg.engine, cfg.generation, crash_marker=join(run_uri, "_drill_crashed"))
+        self.flight = FlightRecorder(run_uri, cfg.sink.storage_options)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -76,17 +84,34 @@ class CaptionStage:
                 _caption_row(r, self.cfg, Caption(**hit), cached=True)
             else:
                 todo.append((r, pixels_to_image(pixels, pw, ph)))
+        if todo and self.flight.begin(_ids(todo)) == 0:
+            self._caption(todo)
+        elif todo:
+            # An engine already died on this batch: caption image by image so only the culprit is lost.
+            log.warning("batch of %d killed an engine before; retrying it image by image", len(todo))
+            for item in todo:
+                if self.flight.begin(_ids([item])) >= self.cfg.engine.max_crashes_per_image:
+                    n = self.cfg.engine.max_crashes_per_image
+                    item[0].update(
+                        schema.error("engine_crash", f"the engine died {n} time(s) on this image alone")
+                    )
+                else:
+                    self._caption([item])
+                self.flight.end(_ids([item]))
         if todo:
-            try:
-                captions = self.engine.caption(self.cfg.prompt, [im for _, im in todo])
-            except EngineDied as e:
-                log.error("engine died, exiting the actor so Ray replaces it: %s", e)
-                os._exit(1)
-            if len(captions) != len(todo):
-                log.error(
-                    "engine returned %d captions for %d images; exiting the actor", len(captions), len(todo)
-                )
-                os._exit(1)
-            for (r, _), c in zip(todo, captions):
-                _caption_row(r, self.cfg, c, cached=False)
+            self.flight.end(_ids(todo))
         return schema.table(rows, schema.ENGINE_SCHEMA)
+
+    def _caption(self, todo: list[tuple[dict, Image.Image]]) -> None:
+        try:
+            captions = self.engine.caption(self.cfg.prompt, [im for _, im in todo])
+        except EngineDied as e:
+            log.error("engine died, exiting the actor so Ray replaces it: %s", e)
+            os._exit(1)
+        if len(captions) != len(todo):
+            log.error(
+                "engine returned %d captions for %d images; exiting the actor", len(captions), len(todo)
+            )
+            os._exit(1)
+        for (r, _), c in zip(todo, captions):
+            _caption_row(r, self.cfg, c, cached=False)

@@ -27,8 +27,9 @@ class FakeEngine:
         self.delay_s = cfg.fake_delay_s
         self.crash_at = cfg.fake_crash_at_batch
         self.crash_marker = crash_marker
+        self.crash_on_size = tuple(cfg.fake_crash_on_size) if cfg.fake_crash_on_size else None
         self.batches = 0
-        self.calls_log = os.environ.get("OMNILMM_FAKE_CALLS_LOG")  # tests count engine calls here
+        self.calls_log = cfg.fake_calls_log
 
     def _maybe_crash(self) -> None:
         """Fault drill: die like a GPU worker hit by a CUDA error, once per job (the marker remembers)."""
@@ -48,6 +49,8 @@ class FakeEngine:
         if self.calls_log:
             with open(self.calls_log, "a") as f:
                 f.write(f"{len(images)}\n")
+        if self.crash_on_size and any(im.size == self.crash_on_size for im in images):
+            os._exit(18)  # a "poison" image: kills the engine every time it is in the batch
         out = []
         for im in images:
             a = np.asarray(im, dtype=np.float32)

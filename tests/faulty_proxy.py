@@ -1,0 +1,91 @@
+"""A fault-injecting HTTP proxy in front of the local S3 server: answers some requests with 503, cuts
+others off mid-way, and can refuse one key for good. Bounded: it only serves 127.0.0.1 and stops with
+the test."""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class FaultyProxy:
+    def __init__(self, upstream: str, fail_every: int = 0, drop_every: int = 0, broken: str | None = None):
+        self.upstream = upstream.removeprefix("http://")
+        self.fail_every, self.drop_every, self.broken = fail_every, drop_every, broken
+        self.count = 0
+        self.injected = {"503": 0, "drop": 0, "broken": 0}
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _handle(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with proxy.lock:
+                    proxy.count += 1
+                    n = proxy.count
+                if proxy.broken and proxy.broken in self.path and self.command == "GET":
+                    proxy.injected["broken"] += 1
+                    return self._reply(
+                        500, b"<Error><Code>InternalError</Code><Message>broken</Message></Error>"
+                    )
+                if proxy.fail_every and n % proxy.fail_every == 0:
+                    proxy.injected["503"] += 1
+                    return self._reply(
+                        503, b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
+                    )
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                headers["Host"] = proxy.upstream
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                if proxy.drop_every and n % proxy.drop_every == 0 and len(data) > 64:
+                    proxy.injected["drop"] += 1  # promise the whole body, send half, hang up
+                    self.send_response(resp.status)
+                    for k, v in resp.getheaders():
+                        if k.lower() not in ("transfer-encoding", "connection"):
+                            self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(data[: len(data) // 2])
+                    self.close_connection = True
+                    return
+                self.send_response(resp.status)
+                head = self.command == "HEAD"  # HEAD keeps the object's Content-Length and sends no body
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection") and (
+                        head or k.lower() != "content-length"
+                    ):
+                        self.send_header(k, v)
+                if not head:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if not head:
+                    self.wfile.write(data)
+
+            def _reply(self, status, payload):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FaultyProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()

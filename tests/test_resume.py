@@ -1,0 +1,197 @@
+"""Exactly-once under crashes: SIGKILL the whole job at many points, rerun, count every row."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+import yaml
+
+from omnilmm_ray import cli
+from omnilmm_ray.samples import build_samples, draw, encode, write_tar
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SHARDS, PER_SHARD = 8, 12
+
+
+def job_cmd(inputs, out, calls_log):
+    cfg = Path(calls_log).with_suffix(".yaml")
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "engine": {"backend": "fake", "fake_delay_s": 0.15, "fake_calls_log": str(calls_log)},
+                "scale": {"batch_size": 4},
+            }
+        )
+    )
+    return [
+        sys.executable,
+        str(ROOT / "jobs" / "caption.py"),
+        "--input",
+        str(inputs),
+        "--output",
+        str(out),
+        "--config",
+        str(cfg),
+    ]
+
+
+def start(cmd, env_extra):
+    env = {**os.environ, **env_extra}
+    return subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+def shard_files(out):
+    return {p.name: p.stat().st_mtime_ns for p in Path(out).glob("run=*/*.parquet")}
+
+
+def test_sigkill_at_many_points_then_rerun_gives_exactly_one_row_per_image(ray_local, tmp_path):
+    import ray
+
+    build_samples(tmp_path / "in", shards=SHARDS, per_shard=PER_SHARD)
+    inputs, out, calls = tmp_path / "in" / "webdataset", tmp_path / "out", tmp_path / "calls.log"
+    # `cluster`: the driver dies and the cluster lives on (as under `ray job submit`); `own_ray`: the job
+    # started Ray itself, and the kill takes its whole process group, Ray included.
+    cluster = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    own_ray = {"RAY_ADDRESS": "local"}
+    kills = [
+        ("lease", cluster),
+        ("plan", own_ray),
+        ("timed", own_ray),
+        ("commit:1", cluster),
+        ("commit:2", own_ray),
+        ("verify", own_ray),
+        ("seal", cluster),
+    ]
+    history = []
+    for point, env in kills:
+        before = shard_files(out)
+        env = dict(env, **({} if point == "timed" else {"OMNILMM_KILL_AT": point}))
+        p = start(job_cmd(inputs, out, calls), env)
+        if point == "timed":  # from outside, mid-batch: as soon as one more shard lands
+            deadline = time.time() + 120
+            while len(shard_files(out)) <= len(before) and time.time() < deadline and p.poll() is None:
+                time.sleep(0.05)
+            time.sleep(0.1)
+            os.killpg(p.pid, signal.SIGKILL)
+        rc = p.wait(timeout=180)
+        assert rc == -signal.SIGKILL, (
+            f"{point}: job was not killed (rc={rc}): {p.stderr.read().decode()[-2000:]}"
+        )
+        after = shard_files(out)
+        # committed shards are never rewritten: same files, same mtimes
+        assert {k: v for k, v in after.items() if k in before} == before, point
+        history.append((point, len(after)))
+    assert history[-1][1] == SHARDS, history  # the last two kills happened after every shard was committed
+    assert not list(out.glob("run=*/_SUCCESS"))
+
+    p = start(job_cmd(inputs, out, calls), own_ray)
+    assert p.wait(timeout=180) == 0, p.stderr.read().decode()[-3000:]
+    runs = sorted(out.glob("run=*"))
+    assert len(runs) == 1, "every rerun resumed the same run"
+    t = pads.dataset(str(runs[0]), format="parquet").to_table()
+    keys = [(r["source"], r["sample_index"]) for r in t.select(["source", "sample_index"]).to_pylist()]
+    assert len(keys) == SHARDS * PER_SHARD and len(set(keys)) == len(keys)  # 0 lost, 0 duplicated
+    summary = json.loads((runs[0] / "_summary.json").read_text())
+    assert summary["this_attempt"]["shards_committed_before"] == SHARDS
+    assert summary["this_attempt"]["rows_processed"] == 0
+    engine_images = sum(int(x) for x in calls.read_text().split())
+    print(
+        f"kill points {[h[0] for h in history]}; shards committed after each {[h[1] for h in history]}; "
+        f"images captioned {engine_images} for {len(keys)} rows "
+        f"(recomputed share {(engine_images - len(keys)) / len(keys):.2f})"
+    )
+
+
+def _config(tmp_path, **engine):
+    f = tmp_path / "job.yaml"
+    f.write_text(yaml.safe_dump({"engine": {"backend": "fake", **engine}, "scale": {"batch_size": 4}}))
+    return str(f)
+
+
+def test_actor_crash_at_batch_n_loses_and_duplicates_nothing(ray_local, tmp_path):
+    build_samples(tmp_path / "in", shards=3, per_shard=10)
+    out = tmp_path / "out"
+    assert (
+        cli.main(
+            [
+                "--config",
+                _config(tmp_path, fake_crash_at_batch=3),
+                "--input",
+                str(tmp_path / "in"),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    run = next(out.glob("run=*"))
+    assert (run / "_drill_crashed").exists(), "the drill did crash an actor"
+    t = pads.dataset(str(run), format="parquet").to_table()
+    keys = [(r["source"], r["key"]) for r in t.to_pylist()]
+    assert len(keys) == 3 * 10 + 10 + 5 and len(set(keys)) == len(keys)
+    assert t.column("error").null_count == t.num_rows
+
+
+def test_image_that_kills_engines_repeatedly_becomes_an_error_row(ray_local, tmp_path):
+    build_samples(tmp_path / "in", shards=1, per_shard=6)
+    poison = encode(draw(99, size=(333, 111))[0])
+    write_tar(
+        tmp_path / "in" / "webdataset" / "poison.tar",
+        [(f"p{i}", {"jpg": poison if i == 2 else encode(draw(i)[0])}) for i in range(6)],
+    )
+    out = tmp_path / "out"
+    assert (
+        cli.main(
+            [
+                "--config",
+                _config(tmp_path, fake_crash_on_size=[333, 111]),
+                "--input",
+                str(tmp_path / "in" / "webdataset"),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    t = pads.dataset(str(next(out.glob("run=*"))), format="parquet").to_table()
+    rows = {r["key"]: r for r in t.to_pylist()}
+    assert len(rows) == 12
+    assert rows["p2"]["error_kind"] == "engine_crash" and rows["p2"]["caption"] is None
+    assert all(r["caption"] for k, r in rows.items() if k != "p2")
+
+
+def test_error_budget_fails_loudly_after_committing(ray_local, tmp_path, capsys):
+    root = tmp_path / "in"
+    write_tar(
+        root / "a.tar",
+        [(f"bad{i}", {"jpg": b"not an image"}) for i in range(3)]
+        + [(f"ok{i}", {"jpg": encode(draw(i)[0])}) for i in range(3)],
+    )
+    out = tmp_path / "out"
+    assert (
+        cli.main(["--input", str(root), "--output", str(out), "--engine", "fake", "--max-error-rate", "0.2"])
+        == 3
+    )
+    err = capsys.readouterr().err
+    assert "50.0% of rows are errors" in err and "not_an_image" in err
+    run = next(out.glob("run=*"))
+    assert not (run / "_SUCCESS").exists() and len(list(run.glob("*.parquet"))) == 1
+    summary = json.loads((run / "_summary.json").read_text())
+    assert summary["status"].startswith("failed") and summary["errors_by_kind"]["not_an_image"]["count"] == 3
+    assert summary["errors_by_kind"]["not_an_image"]["examples"][0].endswith("a.tar#bad0")
+    # raising the budget seals the same run without recomputing it
+    assert (
+        cli.main(["--input", str(root), "--output", str(out), "--engine", "fake", "--max-error-rate", "0.6"])
+        == 0
+    )
+    assert (run / "_SUCCESS").exists() and len(list(out.glob("run=*"))) == 1
