@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 
 from omnilmm_ray.config import ConfigError, JobConfig, load_config
 
@@ -67,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     except LeaseHeld as e:
         print(f"error: {e}", file=sys.stderr)
         return 4
+    except Exception as e:  # the traceback for the logs, then one line that says what failed
+        traceback.print_exc()
+        cause = getattr(e, "cause", None) or e  # a RayTaskError carries the worker's exception
+        print(f"error: {type(cause).__name__}: {cause}".splitlines()[0], file=sys.stderr)
+        return 1
     c = summary["counts"]
     print(
         f"done: run {summary['run']}: {summary['rows']} rows ({c['ok']} ok, {c['error']} errors, {c['cached']} "

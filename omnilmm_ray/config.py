@@ -37,6 +37,11 @@ class InputConfig(_Strict):
         description="Extra fsspec storage options for the inputs (credentials and endpoint also come from "
         "the usual environment, e.g. AWS_ENDPOINT_URL).",
     )
+    read_attempts: int = Field(
+        3,
+        ge=1,
+        description="Reads of a shard (after the storage client's own retries) before it counts as unreadable.",
+    )
     on_unreadable_shard: Literal["error_rows", "fail"] = Field(
         "error_rows",
         description="A shard that stays unreadable after retries becomes error rows, or fails the run.",

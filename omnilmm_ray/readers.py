@@ -24,7 +24,6 @@ from omnilmm_ray.storage import join, resolve
 log = logging.getLogger(__name__)
 
 BLOCK_ROWS = 64
-READ_ATTEMPTS = 4
 
 
 def _wds_key(name: str) -> tuple[str, str]:
@@ -146,7 +145,7 @@ def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
     unreadable ends with one `shard_unreadable` error row (or raises, if input.on_unreadable_shard=fail).
     """
     emitted, rows = 0, []
-    for attempt in range(READ_ATTEMPTS):
+    for attempt in range(cfg.read_attempts):
         stats = {"skipped": 0}
         try:
             for i, s in enumerate(_samples(shard, cfg, stats)):
@@ -164,7 +163,7 @@ def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
             permanent = isinstance(
                 e, (FileNotFoundError, PermissionError, ValueError, tarfile.ReadError, EOFError)
             )
-            if permanent or attempt == READ_ATTEMPTS - 1:
+            if permanent or attempt == cfg.read_attempts - 1:
                 if cfg.on_unreadable_shard == "fail":
                     raise RuntimeError(f"shard {shard.uri} unreadable: {e}") from e
                 log.warning("shard %s unreadable after %d samples: %s", shard.uri, emitted, e)
