@@ -49,7 +49,7 @@ def build_dataset(shards: list[Shard], cfg: JobConfig, run_uri: str, reuse: dict
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=READ_CPUS,
-        compute=TaskPoolStrategy(size=shards_in_flight(cfg)),
+        compute=TaskPoolStrategy(size=min(shards_in_flight(cfg), max(1, len(items)))),
     )
     ds = ds.map_batches(
         preprocess_batch,

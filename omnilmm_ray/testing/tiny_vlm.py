@@ -65,6 +65,14 @@ VISION = dict(
     hidden_act="quick_gelu",
 )
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 224 * 224
+# Qwen2-VL-2B-Instruct's published shapes (config.json), for speed measurements with random weights. The
+# vocabulary stays tiny: only the embedding and LM head (~10 % of the parameters) are smaller than the real one.
+QWEN2_VL_2B = {
+    "text": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2),
+    "vision": dict(depth=32, embed_dim=1280, num_heads=16, hidden_size=1536),
+    "max_pixels": 448 * 448,
+}
 
 
 def _tokenizer():
@@ -102,7 +110,8 @@ def _tokenizer():
     return fast
 
 
-def build(out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16") -> Path:
+def build(out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16", shapes: dict | None = None) -> Path:
+    """Write the model folder; `shapes` (e.g. QWEN2_VL_2B) overrides the tiny text/vision sizes."""
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
 
@@ -116,8 +125,10 @@ def build(out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16") -> Path:
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
+    shapes = shapes or {}
     text = {
         **TEXT,
+        **shapes.get("text", {}),
         "rope_theta": ROPE["rope_theta"],
         "rope_scaling": {"type": "mrope", **ROPE},
         "rope_parameters": ROPE,
@@ -126,7 +137,8 @@ def build(out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16") -> Path:
         "dtype": dtype,
         "torch_dtype": dtype,
     }
-    cfg = Qwen2VLConfig(text_config=text, vision_config={**VISION, "dtype": dtype}, **token_ids)
+    vision = {**VISION, **shapes.get("vision", {}), "dtype": dtype}
+    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **token_ids)
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
@@ -136,7 +148,7 @@ def build(out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16") -> Path:
             if "norm" in name or ".ln" in name:
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
             else:
-                p.normal_(std=0.05)
+                p.normal_(std=min(0.05, 0.8 / p.shape[-1] ** 0.5))
     # lmdeploy 0.18 loads the original Qwen2-VL key names; transformers 5 saves model.language_model.* and
     # model.visual.*, so rename before writing.
     state = {}
