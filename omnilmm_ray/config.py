@@ -107,7 +107,13 @@ class ScaleConfig(_Strict):
     batch_size: int = Field(32, gt=0, description="Images per engine call (fixed-size batches to the GPU).")
     min_actors: int = Field(1, ge=1, description="Engine actors kept alive.")
     max_actors: int = Field(1, ge=1, description="Engine actors the pool may grow to.")
-    max_batches_in_flight: int = Field(2, ge=1, description="Batches queued per engine actor.")
+    max_batches_in_flight: int = Field(4, ge=1, description="Batches queued per engine actor.")
+    concurrent_batches: int = Field(
+        2,
+        ge=1,
+        description="Engine calls running at once in one actor. With 2+, the engine's continuous batching "
+        "starts the next batch while the previous one's last captions finish, so the GPU never drains.",
+    )
     shards_in_flight: int | None = Field(
         None,
         ge=1,

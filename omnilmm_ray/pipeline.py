@@ -66,7 +66,9 @@ def build_dataset(shards: list[Shard], cfg: JobConfig, run_uri: str, reuse: dict
         compute=ActorPoolStrategy(
             min_size=cfg.scale.min_actors,
             max_size=cfg.scale.max_actors,
-            max_tasks_in_flight_per_actor=cfg.scale.max_batches_in_flight,
+            max_tasks_in_flight_per_actor=max(cfg.scale.max_batches_in_flight, cfg.scale.concurrent_batches),
+            max_concurrent_calls_per_actor=cfg.scale.concurrent_batches,
+            enable_true_multi_threading=cfg.scale.concurrent_batches > 1,
         ),
         # An actor whose engine died exits; Ray Data's actor pools default to max_restarts=-1 and
         # max_task_retries=-1, so the actor is replaced and its batches are retried.

@@ -108,6 +108,8 @@ class LmdeployEngine:
         return r.text
 
     def caption(self, prompt: str, images: list[Image.Image]) -> list[Caption]:
+        # Safe to call from several threads (scale.concurrent_batches): Pipeline.infer hands its requests to
+        # the engine's own event-loop thread, where requests of concurrent calls are batched together.
         try:
             responses = self.pipe([(prompt, im) for im in images], gen_config=self.gen_config)
         except Exception as e:  # the batch call itself failed: the engine's state is unknown

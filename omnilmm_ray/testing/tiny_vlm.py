@@ -68,8 +68,13 @@ MIN_PIXELS, MAX_PIXELS = 56 * 56, 224 * 224
 # Qwen2-VL-2B-Instruct's published shapes (config.json), for speed measurements with random weights. The
 # vocabulary stays tiny: only the embedding and LM head (~10 % of the parameters) are smaller than the real one.
 QWEN2_VL_2B = {
-    "text": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2),
+    "text": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+    ),
     "vision": dict(depth=32, embed_dim=1280, num_heads=16, hidden_size=1536),
     "max_pixels": 448 * 448,
 }
