@@ -74,7 +74,7 @@ def baseline(model: str, shard_dir: str) -> dict:
     }
 
 
-def job(model: str, shard_dir: str, out: str, concurrent: int) -> dict:
+def job(model: str, shard_dir: str, out: str, batch_size: int, concurrent: int) -> dict:
     import pyarrow.dataset as pads
 
     from omnilmm_ray import cli
@@ -90,7 +90,7 @@ def job(model: str, shard_dir: str, out: str, concurrent: int) -> dict:
                     "cache_max_entry_count": 0.5,
                 },
                 "generation": GEN,
-                "scale": {"batch_size": 128, "concurrent_batches": concurrent},
+                "scale": {"batch_size": batch_size, "concurrent_batches": concurrent},
                 "preprocess": {"max_side": 640},
             }
         )
@@ -116,6 +116,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=3072)
     ap.add_argument("--work", default="/tmp/omnilmm-bench")
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--jobs", default="128x1,512x1,512x2", help="job variants: BATCHSIZExCONCURRENT_BATCHES,..."
+    )
     ap.add_argument("--side", choices=["baseline"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -141,9 +144,10 @@ def main() -> None:
 
     results = {"baseline_1": run_baseline()}
     ray.init(include_dashboard=False, log_to_driver=False)
-    for concurrent in (1, 2):
-        results[f"job_concurrent_{concurrent}"] = job(
-            model, str(work / "shards"), str(work / f"out-{time.time_ns()}"), concurrent
+    for variant in args.jobs.split(","):
+        batch_size, concurrent = (int(x) for x in variant.split("x"))
+        results[f"job_batch{batch_size}_x{concurrent}"] = job(
+            model, str(work / "shards"), str(work / f"out-{time.time_ns()}"), batch_size, concurrent
         )
     ray.shutdown()
     results["baseline_2"] = run_baseline()
@@ -161,7 +165,7 @@ def main() -> None:
     lines = [
         f"# GPU throughput: lmdeploy alone vs. omnilmm-ray job ({time.strftime('%Y-%m-%d')})",
         "",
-        f"Command: `python bench/gpu_throughput.py --images {args.images}`",
+        f"Command: `python bench/gpu_throughput.py --images {args.images} --jobs {args.jobs}`",
         f"GPU: {torch.cuda.get_device_name(0)}; CPU cores: {os.cpu_count()}; model: random weights, "
         "Qwen2-VL-2B shapes (tiny vocab); 640x480 JPEGs; TurboMind; greedy; max_new_tokens 32.",
         "",
