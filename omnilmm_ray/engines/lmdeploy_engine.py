@@ -5,7 +5,9 @@ Imported only inside GPU actors and the GPU preflight task.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 
 from PIL import Image
 
@@ -97,6 +99,7 @@ class LmdeployEngine:
         )
         self.tokenizer = self.pipe.async_engine.tokenizer
         self.redecoded = 0  # captions recovered by the workaround in _text
+        self._lock = threading.Lock() if self.backend == "pytorch" else contextlib.nullcontext()
         log.info("engine ready: %s %s tp=%d", self.name, cfg.model, cfg.tp)
 
     def _text(self, r) -> str:
@@ -108,10 +111,12 @@ class LmdeployEngine:
         return r.text
 
     def caption(self, prompt: str, images: list[Image.Image]) -> list[Caption]:
-        # Safe to call from several threads (scale.concurrent_batches): Pipeline.infer hands its requests to
-        # the engine's own event-loop thread, where requests of concurrent calls are batched together.
+        # Several threads may call this (scale.concurrent_batches): TurboMind's Pipeline.infer hands requests to
+        # the engine's event-loop thread, which batches concurrent calls together (run on GPU in tests/gpu).
+        # The PyTorch engine is not declared thread-safe unless configured so; its calls take turns.
         try:
-            responses = self.pipe([(prompt, im) for im in images], gen_config=self.gen_config)
+            with self._lock:
+                responses = self.pipe([(prompt, im) for im in images], gen_config=self.gen_config)
         except Exception as e:  # the batch call itself failed: the engine's state is unknown
             raise EngineDied(f"{self.name} failed a batch call: {type(e).__name__}: {e}") from e
         out = []
