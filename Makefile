@@ -28,7 +28,7 @@ lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 bench: venv
-	$(BIN)/python bench/pipeline_bench.py
+	$(BIN)/python bench/preprocess_bench.py
 
 clean:
 	rm -rf $(VENV) out samples

@@ -1,4 +1,4 @@
-"""One captioning run: plan -> preflight -> lease -> pipeline -> verify -> summary -> seal.
+"""One captioning run: preflight (started) -> lease -> plan -> preflight (awaited) -> pipeline -> verify -> seal.
 
 Expects Ray to be initialised by the entrypoint (jobs/caption.py); library code never calls `ray.init`.
 """
@@ -39,10 +39,14 @@ def check_output(cfg: JobConfig) -> OutputTable:
     return table
 
 
-def preflight_engine(cfg: JobConfig) -> str:
-    """Resolve the lmdeploy backend on a GPU worker before any shard is read; fails naming the model."""
+def start_preflight(cfg: JobConfig):
+    """Start resolving the lmdeploy backend on a GPU worker; returns a function that waits for it.
+
+    It runs while the inputs are listed and must succeed before any shard is read; a model no engine can
+    serve fails the job there, naming the model.
+    """
     if cfg.engine.backend == "fake":
-        return "fake"
+        return lambda: "fake"
     import ray
 
     from omnilmm_ray.pipeline import engine_resources
@@ -56,11 +60,19 @@ def preflight_engine(cfg: JobConfig) -> str:
         except ValueError as e:
             return None, str(e)
 
-    backend, err = ray.get(_resolve.remote(cfg.engine))
-    if err:
-        raise ConfigError(err)
-    log.info("engine: %s -> lmdeploy %s backend", cfg.engine.model, backend)
-    return backend
+    ref = _resolve.remote(cfg.engine)
+    result: list[str] = []
+
+    def wait() -> str:
+        if not result:
+            backend, err = ray.get(ref)
+            if err:
+                raise ConfigError(err)
+            log.info("engine: %s -> lmdeploy %s backend", cfg.engine.model, backend)
+            result.append(backend)
+        return result[0]
+
+    return wait
 
 
 def describe(cfg: JobConfig, run: Run) -> dict:
@@ -116,10 +128,11 @@ def run_job(cfg: JobConfig, dry_run: bool = False) -> dict:
     table = check_output(cfg) if not dry_run else OutputTable(cfg.output, cfg.sink.storage_options)
     if dry_run:
         return {"dry_run": describe(cfg, table.open_run(cfg, write=False))}
-    backend = preflight_engine(cfg)
+    preflight = start_preflight(cfg)
     with Lease(cfg.output, cfg.sink.lock_ttl_s, cfg.sink.storage_options):
         kill_point("lease")
-        run = table.open_run(cfg)
+        run = table.open_run(cfg, before_write=preflight)
+        backend = preflight()
         kill_point("plan")
         done = committed_shards(run.uri, cfg.sink.storage_options)
         todo = [s for s in run.shards if s.shard_id not in done]

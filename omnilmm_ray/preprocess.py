@@ -59,7 +59,7 @@ def decode(data: bytes, cfg: PreprocessConfig) -> tuple[Image.Image, int, int]:
             if getattr(im, "is_animated", False):
                 im.seek(0)
             scale = cfg.max_side / max(w, h)
-            if scale < 1 and im.format == "JPEG":
+            if scale < 1 and im.format == "JPEG" and cfg.jpeg_draft:
                 # JPEG draft decoding: decode at 1/2, 1/4 or 1/8 scale directly, never below the target.
                 im.draft("RGB", (max(1, int(w * scale + 1)), max(1, int(h * scale + 1))))
             rotated = im.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that swap the axes

@@ -59,8 +59,12 @@ class OutputTable:
     def sealed_runs(self) -> list[str]:
         return [r for r in self.run_ids() if self.is_sealed(r)]
 
-    def open_run(self, cfg: JobConfig, write: bool = True) -> Run:
-        """Resume the newest unsealed run, or plan a new one over what no sealed run covered."""
+    def open_run(self, cfg: JobConfig, write: bool = True, before_write=None) -> Run:
+        """Resume the newest unsealed run, or plan a new one over what no sealed run covered.
+
+        `before_write` runs after planning (listing inputs) and before the plan is written, so a check that
+        may fail (the engine preflight) overlaps the listing yet leaves no run behind when it fails.
+        """
         fp = generation_fingerprint(cfg)
         ids = self.run_ids()
         for rid in ids:
@@ -72,6 +76,8 @@ class OutputTable:
                 )
         if ids and not self.is_sealed(ids[-1]) and self.plan_of(ids[-1]) is not None:
             plan = self.plan_of(ids[-1])
+            if before_write:
+                before_write()
             return Run(ids[-1], self.run_uri(ids[-1]), [Shard.from_dict(s) for s in plan["shards"]], True)
         done: dict[str, str] = {}
         for rid in self.sealed_runs():
@@ -80,6 +86,8 @@ class OutputTable:
         shards = without_done(plan_shards(cfg.inputs, cfg.input), done)
         rid = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         run = Run(rid, self.run_uri(rid), shards, False)
+        if before_write:
+            before_write()
         if write:
             write_json(
                 self.fs,
