@@ -36,3 +36,10 @@ def test_missing_input_and_unreadable_file(tmp_path):
         load_config(None, {"output": "o"})
     with pytest.raises(ConfigError, match="cannot read YAML"):
         load_config(tmp_path / "nope.yaml", {})
+
+
+def test_example_config_is_valid():
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "cluster" / "job.example.yaml", {})
+    assert cfg.scale.max_actors == 8 and cfg.sink.max_error_rate == 0.05
