@@ -60,6 +60,9 @@ def build_dataset(shards: list[Shard], cfg: JobConfig, run_uri: str, reuse: dict
     )
     ds = ds.map_batches(
         CaptionStage,
+        # The reuse cache is put once and fetched per actor. Ray warns that constructor args in the object
+        # store can break actor restarts if they go out of scope (ray-project/ray#53727); the driver holds
+        # this reference for the whole run, and the actor-crash tests restart actors with it.
         fn_constructor_kwargs={"cfg": cfg, "run_uri": run_uri, "reuse": ray.put(reuse or {})},
         batch_size=cfg.scale.batch_size,
         batch_format="pyarrow",
