@@ -33,8 +33,10 @@ def main() -> None:
     args = ap.parse_args()
     w, h = (int(x) for x in args.size.split("x"))
     data = [encode(draw(i, size=(w, h))[0], quality=90) for i in range(args.images)]
-    variants = {"draft": PreprocessConfig(max_side=args.max_side),
-                "full_decode": PreprocessConfig(max_side=args.max_side, jpeg_draft=False)}
+    variants = {
+        "draft": PreprocessConfig(max_side=args.max_side),
+        "full_decode": PreprocessConfig(max_side=args.max_side, jpeg_draft=False),
+    }
     times = {k: [] for k in variants}
     for _ in range(args.rounds):
         for name, cfg in variants.items():  # interleaved: both see the same machine state
@@ -42,15 +44,24 @@ def main() -> None:
             for d in data:
                 decode(d, cfg)
             times[name].append(time.perf_counter() - t0)
-    diffs = [np.abs(np.asarray(decode(d, variants["draft"])[0], dtype=np.int16)
-                    - np.asarray(decode(d, variants["full_decode"])[0], dtype=np.int16)).mean() for d in data[:5]]
+    diffs = [
+        np.abs(
+            np.asarray(decode(d, variants["draft"])[0], dtype=np.int16)
+            - np.asarray(decode(d, variants["full_decode"])[0], dtype=np.int16)
+        ).mean()
+        for d in data[:5]
+    ]
     best = {k: min(v) for k, v in times.items()}
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"{args.images} JPEGs {w}x{h} q90 -> long side {args.max_side}; best of {args.rounds} rounds")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"{args.images} JPEGs {w}x{h} q90 -> long side {args.max_side}; best of {args.rounds} rounds"
+    )
     for name, t in best.items():
         print(f"  {name:12s} {args.images / t:8.1f} images/s per core")
-    print(f"  draft / full_decode speed-up: {best['full_decode'] / best['draft']:.2f}x; "
-          f"mean |pixel difference| {np.mean(diffs):.2f} / 255")
+    print(
+        f"  draft / full_decode speed-up: {best['full_decode'] / best['draft']:.2f}x; "
+        f"mean |pixel difference| {np.mean(diffs):.2f} / 255"
+    )
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ class PreprocessConfig(_Strict):
         89_478_485, gt=0, description="Images with more pixels than this are refused (decompression bombs)."
     )
     jpeg_draft: bool = Field(
-        True, description="Let libjpeg decode large JPEGs directly at 1/2, 1/4 or 1/8 scale (never below max_side)."
+        True,
+        description="Let libjpeg decode large JPEGs directly at 1/2, 1/4 or 1/8 scale (never below max_side).",
     )
     batch_size: int = Field(32, gt=0, description="Rows per CPU preprocessing task call.")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per preprocessing task.")

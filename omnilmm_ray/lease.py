@@ -55,6 +55,12 @@ class Lease:
 
     def acquire(self) -> Lease:
         cur = read_json(self.fs, self.path)
+        age = time.time() - float(cur.get("heartbeat", 0)) if cur else 0.0
+        if not self._free(cur) and age > self.ttl_s / 2:
+            # Its holder missed two heartbeats: most likely dead on another host (a preempted head pod).
+            # Wait out the TTL instead of failing, so an automatic retry of the job goes through.
+            time.sleep(self.ttl_s - age + 0.1)
+            cur = read_json(self.fs, self.path)
         if not self._free(cur):
             age = time.time() - float(cur.get("heartbeat", 0))
             raise LeaseHeld(
