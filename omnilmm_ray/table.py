@@ -155,3 +155,13 @@ class OutputTable:
 
     def describe(self) -> str:
         return unstrip(self.fs, self.path)
+
+
+def latest_to_parquet(output_uri: str, dest_uri: str, storage_options: dict | None = None) -> int:
+    """Write `read_latest()` of an output table to one Parquet file; returns its row count."""
+    from omnilmm_ray.storage import write_parquet_atomic
+
+    t = OutputTable(output_uri, storage_options).read_latest()
+    fs, path = resolve(dest_uri, storage_options)
+    write_parquet_atomic(fs, path, t)
+    return t.num_rows

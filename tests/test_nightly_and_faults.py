@@ -68,6 +68,26 @@ def test_nightly_reads_only_new_or_changed_shards_and_reuses_known_bytes(ray_loc
     shard1 = [r for r in latest.to_pylist() if r["source"].endswith("00001.tar")]
     assert len(shard1) == 6 and {r["run"] for r in shard1} == {runs[1]}
 
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "latest.py"),
+            "--output",
+            str(out),
+            "--to",
+            str(tmp_path / "latest.parquet"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert pads.dataset(str(tmp_path / "latest.parquet")).count_rows() == 18
+
     # night 3: nothing new -> an empty run, nothing read
     calls.write_text("")
     assert run(args, tmp_path, engine=engine) == 0
