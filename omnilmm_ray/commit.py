@@ -1,10 +1,13 @@
 """The commit protocol: exactly one output row per input image, whatever Ray retried underneath.
 
-Only the driver writes output data. It collects each shard's captioned rows, drops repeats of a
-`sample_index` (a retried read or map task may deliver a row twice), and once the shard's end marker and
-all its rows are in, writes the shard's Parquet file in one atomic put. A shard file is therefore either
-complete or absent, so a rerun after any crash skips exactly the committed shards. `verify_run` checks
-every planned shard before the run's `_SUCCESS` marker is written.
+Only the driver writes output data. It collects each shard's captioned rows and drops repeats of a
+`sample_index` (a retried read or map task may deliver a row twice). Every `commit_rows` new rows of a
+shard go to a *part* file (`<shard>.part-NNNNN.parquet`, one atomic put each); once the shard's end marker
+and all its rows are in, parts and remaining rows are merged into the shard's file (one atomic put), and
+the parts are removed. A rerun after any crash skips complete shards unread and re-reads a partial shard
+skipping the indices its parts hold, so no row is captioned into the output twice and at most
+`commit_rows` rows per shard in flight are redone. `verify_run` checks every planned shard before the
+run's `_SUCCESS` marker is written.
 """
 
 from __future__ import annotations
@@ -24,14 +27,48 @@ from omnilmm_ray.storage import join, resolve, write_parquet_atomic
 log = logging.getLogger(__name__)
 
 
+PART = ".part-"
+
+
 def shard_file(run_uri: str, shard_id: str) -> str:
     return join(run_uri, f"{shard_id}.parquet")
 
 
 @dataclass
+class Progress:
+    """What earlier attempts of a run left: complete shards, and the parts of incomplete ones."""
+
+    complete: set[str] = field(default_factory=set)
+    parts: dict[str, list[str]] = field(default_factory=dict)  # shard id -> part paths
+    done_indices: dict[str, set[int]] = field(default_factory=dict)  # shard id -> indices in its parts
+    orphans: list[str] = field(default_factory=list)  # parts of complete shards (crash before their removal)
+
+
+def load_progress(run_uri: str, storage_options: dict | None = None) -> Progress:
+    fs, path = resolve(run_uri, storage_options)
+    try:
+        names = [n.rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        return Progress()
+    names = [n for n in names if n.endswith(".parquet") and not n.startswith((".", "_"))]
+    prog = Progress(complete={n[: -len(".parquet")] for n in names if PART not in n})
+    for n in sorted(n for n in names if PART in n):
+        sid = n.split(PART)[0]
+        if sid in prog.complete:
+            prog.orphans.append(join(path, n))
+            continue
+        prog.parts.setdefault(sid, []).append(join(path, n))
+        with fs.open(join(path, n), "rb") as f:
+            idx = pq.read_table(f, columns=["sample_index"]).column("sample_index").to_pylist()
+        prog.done_indices.setdefault(sid, set()).update(idx)
+    return prog
+
+
+@dataclass
 class _Pending:
-    tables: list[pa.Table] = field(default_factory=list)
+    tables: list[pa.Table] = field(default_factory=list)  # rows not yet in any file
     seen: set[int] = field(default_factory=set)
+    parts: list[str] = field(default_factory=list)
     expected: int | None = None
     skipped: int = 0
 
@@ -39,11 +76,23 @@ class _Pending:
 class ShardCommitter:
     """Collects ENGINE_SCHEMA batches (any order, any repeats) and commits whole shards."""
 
-    def __init__(self, run_uri: str, shards: list[Shard], storage_options: dict | None = None):
+    def __init__(
+        self,
+        run_uri: str,
+        shards: list[Shard],
+        storage_options: dict | None = None,
+        commit_rows: int = 1024,
+        progress: Progress | None = None,
+    ):
         self.fs, self.run_path = resolve(run_uri, storage_options)
         self.run_uri = run_uri
         self.shards = {s.shard_id: s for s in shards}
+        self.commit_rows = commit_rows
+        self.parts_written = 0
         self.pending: dict[str, _Pending] = {}
+        for sid, parts in (progress.parts if progress else {}).items():
+            if sid in self.shards:
+                self.pending[sid] = _Pending(seen=set(progress.done_indices[sid]), parts=list(parts))
         self.committed: set[str] = set()
         self.duplicates_dropped = 0
 
@@ -68,11 +117,28 @@ class ShardCommitter:
                 p.tables.append(rows)
             if p.expected is not None and len(p.seen) >= p.expected:
                 self._commit(sid, p)
+            elif sum(len(t) for t in p.tables) >= self.commit_rows:
+                self._write_part(sid, p)
+
+    def _rows(self, tables: list[pa.Table]) -> pa.Table:
+        t = pa.concat_tables(tables) if tables else schema.ENGINE_SCHEMA.empty_table()
+        return t.select(schema.OUTPUT_SCHEMA.names).cast(schema.OUTPUT_SCHEMA)
+
+    def _write_part(self, sid: str, p: _Pending) -> None:
+        path = join(self.run_path, f"{sid}{PART}{len(p.parts):05d}.parquet")
+        write_parquet_atomic(self.fs, path, self._rows(p.tables).sort_by("sample_index"))
+        p.parts.append(path)
+        p.tables = []
+        self.parts_written += 1
+        kill_point(f"part:{self.parts_written}")
 
     def _commit(self, sid: str, p: _Pending) -> None:
         shard = self.shards[sid]
-        t = pa.concat_tables(p.tables) if p.tables else schema.ENGINE_SCHEMA.empty_table()
-        t = t.sort_by("sample_index").select(schema.OUTPUT_SCHEMA.names).cast(schema.OUTPUT_SCHEMA)
+        written = []
+        for part in p.parts:
+            with self.fs.open(part, "rb") as f:
+                written.append(pq.read_table(f).cast(schema.OUTPUT_SCHEMA))
+        t = pa.concat_tables([*written, self._rows(p.tables)]).sort_by("sample_index")
         if t.column("sample_index").to_pylist() != list(range(p.expected)):
             raise RuntimeError(
                 f"shard {shard.uri}: rows do not number 0..{p.expected - 1}; refusing to commit"
@@ -84,6 +150,7 @@ class ShardCommitter:
         }
         t = t.replace_schema_metadata({**(t.schema.metadata or {}), **meta})
         write_parquet_atomic(self.fs, shard_file(self.run_path, sid), t)
+        remove_files(self.fs, p.parts)  # a crash before this leaves orphans that load_progress reports
         del self.pending[sid]
         self.committed.add(sid)
         log.info("committed shard %s (%d rows)", shard.uri, p.expected)
@@ -93,18 +160,12 @@ class ShardCommitter:
         return sorted(self.pending)
 
 
-def committed_shards(run_uri: str, storage_options: dict | None = None) -> set[str]:
-    """Shard ids whose file exists in the run (a file exists only when complete)."""
-    fs, path = resolve(run_uri, storage_options)
-    try:
-        names = fs.ls(path, detail=False)
-    except FileNotFoundError:
-        return set()
-    return {
-        n.rsplit("/", 1)[-1][: -len(".parquet")]
-        for n in names
-        if n.endswith(".parquet") and not n.rsplit("/", 1)[-1].startswith((".", "_"))
-    }
+def remove_files(fs, paths: list[str]) -> None:
+    for path in paths:
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
 
 
 def verify_run(run_uri: str, shards: list[Shard], storage_options: dict | None = None) -> pa.Table:

@@ -148,6 +148,12 @@ class OutputConfig(_Strict):
         description="Reuse captions of identical image bytes from earlier runs with the same model/prompt/"
         "generation settings instead of a GPU pass.",
     )
+    commit_rows: int = Field(
+        1024,
+        gt=0,
+        description="Rows of a shard written as one part file: after a crash at most this many rows per shard "
+        "in flight are captioned again.",
+    )
     lock_ttl_s: float = Field(
         120.0, gt=0, description="A run's lease on the output expires this long after its last heartbeat."
     )

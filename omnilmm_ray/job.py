@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 
 import pyarrow as pa
 
-from omnilmm_ray.commit import ShardCommitter, committed_shards, verify_run
+from omnilmm_ray.commit import ShardCommitter, load_progress, remove_files, verify_run
 from omnilmm_ray.config import ConfigError, JobConfig
 from omnilmm_ray.faults import kill_point
 from omnilmm_ray.lease import Lease
@@ -134,8 +134,9 @@ def run_job(cfg: JobConfig, dry_run: bool = False) -> dict:
         run = table.open_run(cfg, before_write=preflight)
         backend = preflight()
         kill_point("plan")
-        done = committed_shards(run.uri, cfg.sink.storage_options)
-        todo = [s for s in run.shards if s.shard_id not in done]
+        progress = load_progress(run.uri, cfg.sink.storage_options)
+        remove_files(table.fs, progress.orphans)
+        todo = [s for s in run.shards if s.shard_id not in progress.complete]
         log.info(
             "run %s (%s): %d shards, %d already committed",
             run.run_id,
@@ -144,12 +145,12 @@ def run_job(cfg: JobConfig, dry_run: bool = False) -> dict:
             len(run.shards) - len(todo),
         )
         reuse = table.reuse_cache(cfg) if cfg.sink.reuse_captions else {}
-        committer = ShardCommitter(run.uri, todo, cfg.sink.storage_options)
+        committer = ShardCommitter(run.uri, todo, cfg.sink.storage_options, cfg.sink.commit_rows, progress)
         t0, processed = time.time(), 0
         if todo:
             from omnilmm_ray.pipeline import caption_batches
 
-            for batch in caption_batches(todo, cfg, run.uri, reuse):
+            for batch in caption_batches(todo, cfg, run.uri, reuse, progress.done_indices):
                 processed += sum(1 for e in batch.column("shard_rows").to_pylist() if e is None)
                 committer.add(batch)
         if committer.uncommitted():
@@ -162,6 +163,7 @@ def run_job(cfg: JobConfig, dry_run: bool = False) -> dict:
         attempt = {
             "resumed": run.resumed,
             "shards_committed_before": len(run.shards) - len(todo),
+            "rows_in_parts_before": sum(len(v) for v in progress.done_indices.values()),
             "shards_processed": len(todo),
             "rows_processed": processed,
             "duplicates_dropped": committer.duplicates_dropped,

@@ -40,9 +40,27 @@ def shards_in_flight(cfg: JobConfig) -> int:
     return cfg.scale.shards_in_flight or max(4, 2 * cfg.scale.max_actors)
 
 
-def build_dataset(shards: list[Shard], cfg: JobConfig, run_uri: str, reuse: dict | None) -> ray.data.Dataset:
-    items = [{"shard": json.dumps(s.to_dict())} for s in shards]
+def build_dataset(
+    shards: list[Shard],
+    cfg: JobConfig,
+    run_uri: str,
+    reuse: dict | None,
+    skip: dict[str, set[int]] | None = None,
+) -> ray.data.Dataset:
+    """`skip`: per shard, sample indices already committed in part files (not read into the pipeline)."""
+    skip = skip or {}
+    items = [
+        {"shard": json.dumps(s.to_dict()), "skip": json.dumps(sorted(skip.get(s.shard_id, ())))}
+        for s in shards
+    ]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), MAX_INPUT_BLOCKS)))
+    # Ray Data coalesces a task's outputs into blocks of up to `target_max_block_size` (128 MiB by default),
+    # so captions would reach the driver (and be committed) many batches at a time. Blocks of about half an
+    # engine batch of pixels make each engine task about one batch, and captions stream back per batch.
+    # `ds.context` is this dataset's own copy of the DataContext, not the process-wide one.
+    ds.context.target_max_block_size = max(
+        1 << 20, cfg.scale.batch_size * cfg.preprocess.max_side**2 * 3 // 2
+    )
     ds = ds.map_batches(
         read_shards,
         fn_kwargs={"cfg": cfg},
@@ -81,8 +99,11 @@ def build_dataset(shards: list[Shard], cfg: JobConfig, run_uri: str, reuse: dict
 
 
 def caption_batches(
-    shards: list[Shard], cfg: JobConfig, run_uri: str, reuse: dict | None
+    shards: list[Shard],
+    cfg: JobConfig,
+    run_uri: str,
+    reuse: dict | None,
+    skip: dict[str, set[int]] | None = None,
 ) -> Iterator[pa.Table]:
-    yield from build_dataset(shards, cfg, run_uri, reuse).iter_batches(
-        batch_size=None, batch_format="pyarrow"
-    )
+    ds = build_dataset(shards, cfg, run_uri, reuse, skip)
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")

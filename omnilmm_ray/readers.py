@@ -138,23 +138,31 @@ def _samples(shard: Shard, cfg: InputConfig, stats: dict) -> Iterator[dict]:
         yield from (_tar_samples(f, stats) if shard.format == "tar" else _parquet_samples(f, cfg, shard.uri))
 
 
-def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
+def read_shard(
+    shard: Shard, cfg: InputConfig, skip: set[int] | frozenset = frozenset()
+) -> Iterator[pa.Table]:
     """Yield SAMPLE_SCHEMA blocks for one shard, then its end marker.
 
-    A transient read error restarts the shard and skips the samples already emitted; a shard that stays
-    unreadable ends with one `shard_unreadable` error row (or raises, if input.on_unreadable_shard=fail).
+    `skip`: sample indices already committed by an earlier attempt (counted, not emitted). A transient read
+    error restarts the shard and skips the samples already passed; a shard that stays unreadable ends with
+    one `shard_unreadable` error row (or raises, if input.on_unreadable_shard=fail).
     """
-    emitted, rows = 0, []
+    n, rows = 0, []  # n: samples passed so far, emitted or skipped
+
+    def emit(row: dict) -> None:
+        if row["sample_index"] not in skip:
+            rows.append({"source": shard.uri, "shard_id": shard.shard_id, **row})
+
     for attempt in range(cfg.read_attempts):
         stats = {"skipped": 0}
         try:
             for i, s in enumerate(_samples(shard, cfg, stats)):
-                if i < emitted:
+                if i < n:
                     continue
                 if s.get("image") is None and "error" not in s:
                     s.update(schema.error("missing_image", "null image bytes"))
-                rows.append({"source": shard.uri, "sample_index": i, "shard_id": shard.shard_id, **s})
-                emitted += 1
+                emit({"sample_index": i, **s})
+                n += 1
                 if len(rows) >= BLOCK_ROWS:
                     yield schema.table(rows, schema.SAMPLE_SCHEMA)
                     rows = []
@@ -166,18 +174,10 @@ def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
             if permanent or attempt == cfg.read_attempts - 1:
                 if cfg.on_unreadable_shard == "fail":
                     raise RuntimeError(f"shard {shard.uri} unreadable: {e}") from e
-                log.warning("shard %s unreadable after %d samples: %s", shard.uri, emitted, e)
-                rows.append(
-                    {
-                        "source": shard.uri,
-                        "sample_index": emitted,
-                        "shard_id": shard.shard_id,
-                        **schema.error(
-                            "shard_unreadable", f"after {emitted} samples: {type(e).__name__}: {e}"
-                        ),
-                    }
-                )
-                emitted += 1
+                log.warning("shard %s unreadable after %d samples: %s", shard.uri, n, e)
+                reason = f"after {n} samples: {type(e).__name__}: {e}"
+                emit({"sample_index": n, **schema.error("shard_unreadable", reason)})
+                n += 1
                 break
             log.warning("shard %s: transient read error (%s), retry %d", shard.uri, e, attempt + 1)
             time.sleep(0.5 * 2**attempt)
@@ -186,7 +186,7 @@ def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
             "source": shard.uri,
             "shard_id": shard.shard_id,
             "sample_index": -1,
-            "shard_rows": emitted,
+            "shard_rows": n,
             "shard_skipped": stats["skipped"],
         }
     )

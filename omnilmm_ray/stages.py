@@ -30,9 +30,9 @@ def _ids(todo: list[tuple[dict, Image.Image]]) -> list[str]:
 
 
 def read_shards(batch: pa.Table, cfg: JobConfig) -> Iterator[pa.Table]:
-    """One row per shard (its JSON plan entry) -> SAMPLE_SCHEMA blocks, streamed."""
-    for d in batch.column("shard").to_pylist():
-        yield from read_shard(Shard.from_dict(json.loads(d)), cfg.input)
+    """One row per shard (its JSON plan entry, indices to skip) -> SAMPLE_SCHEMA blocks, streamed."""
+    for d, skip in zip(batch.column("shard").to_pylist(), batch.column("skip").to_pylist()):
+        yield from read_shard(Shard.from_dict(json.loads(d)), cfg.input, set(json.loads(skip)))
 
 
 def _caption_row(r: dict, cfg: JobConfig, c: Caption, cached: bool) -> dict:

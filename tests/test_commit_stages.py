@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from omnilmm_ray import schema
-from omnilmm_ray.commit import ShardCommitter, committed_shards, shard_file, verify_run
+from omnilmm_ray.commit import ShardCommitter, load_progress, shard_file, verify_run
 from omnilmm_ray.config import JobConfig
 from omnilmm_ray.preprocess import preprocess_batch
 from omnilmm_ray.samples import draw, encode
@@ -50,7 +50,7 @@ def test_out_of_order_repeated_rows_commit_each_shard_once(tmp_path):
         t.column("sample_index").to_pylist() == list(range(10))
         and t.schema.names == schema.OUTPUT_SCHEMA.names
     )
-    assert committed_shards(str(tmp_path)) == {"a", "b"}
+    assert load_progress(str(tmp_path)).complete == {"a", "b"}
     rows = verify_run(str(tmp_path), shards)
     assert len(rows) == 15 and rows.schema.metadata[b"skipped"] == b"2"
 
@@ -59,7 +59,7 @@ def test_shard_waits_for_its_end_marker_and_all_rows(tmp_path):
     c = ShardCommitter(str(tmp_path), [Shard("a", "tar", "src-a")])
     rows, end = engine_rows("a", 3)
     c.add(schema.table(rows[:2] + [end], schema.ENGINE_SCHEMA))
-    assert c.uncommitted() == ["a"] and not committed_shards(str(tmp_path))
+    assert c.uncommitted() == ["a"] and not load_progress(str(tmp_path)).complete
     c.add(schema.table(rows[2:], schema.ENGINE_SCHEMA))
     assert c.committed == {"a"}
 
@@ -113,3 +113,32 @@ def test_caption_stage_reuses_known_bytes_without_the_engine(tmp_path, monkeypat
     r = stage(batch).to_pylist()
     assert r[0]["caption"] == "earlier caption" and r[0]["cached"] is True
     assert r[1]["cached"] is False and len(seen) == 1
+
+
+def test_parts_survive_a_crash_and_merge_into_the_shard(tmp_path):
+    shards = [Shard("a", "tar", "src-a")]
+    rows, end = engine_rows("a", 10)
+    c = ShardCommitter(str(tmp_path), shards, commit_rows=3)
+    c.add(schema.table(rows[:4], schema.ENGINE_SCHEMA))  # 4 >= 3: one part with indices 0..3
+    c.add(schema.table(rows[4:5] + rows[:2], schema.ENGINE_SCHEMA))  # repeats dropped, 1 pending row
+    prog = load_progress(str(tmp_path))  # the driver dies here
+    assert prog.complete == set() and prog.done_indices == {"a": {0, 1, 2, 3}} and len(prog.parts["a"]) == 1
+
+    c2 = ShardCommitter(str(tmp_path), shards, commit_rows=3, progress=prog)
+    # the rerun's reader skips 0..3; index 4 (lost with the dead driver) and the rest come again
+    c2.add(schema.table(rows[4:] + [end], schema.ENGINE_SCHEMA))
+    assert c2.committed == {"a"}
+    assert sorted(verify_run(str(tmp_path), shards).column("sample_index").to_pylist()) == list(range(10))
+    assert load_progress(str(tmp_path)).parts == {}  # parts removed after the merge
+    assert not list(tmp_path.glob("a.part-*"))
+
+
+def test_reader_skips_committed_indices_but_counts_them(tmp_path):
+    from omnilmm_ray.config import InputConfig
+    from omnilmm_ray.readers import read_shard
+    from omnilmm_ray.samples import write_tar
+
+    p = write_tar(tmp_path / "s.tar", [(f"k{i}", {"jpg": encode(draw(i)[0])}) for i in range(5)])
+    shard = Shard("s", "tar", str(p))
+    out = pa.concat_tables(list(read_shard(shard, InputConfig(), skip={0, 2, 3}))).to_pylist()
+    assert [r["sample_index"] for r in out[:-1]] == [1, 4] and out[-1]["shard_rows"] == 5

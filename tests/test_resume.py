@@ -28,6 +28,7 @@ def job_cmd(inputs, out, calls_log):
             {
                 "engine": {"backend": "fake", "fake_delay_s": 0.15, "fake_calls_log": str(calls_log)},
                 "scale": {"batch_size": 4},
+                "sink": {"commit_rows": 4},
             }
         )
     )
@@ -50,8 +51,10 @@ def start(cmd, env_extra):
     )
 
 
-def shard_files(out):
-    return {p.name: p.stat().st_mtime_ns for p in Path(out).glob("run=*/*.parquet")}
+def shard_files(out, parts=False):
+    """Committed files -> mtime: whole shards, or (parts=True) the part files of shards in progress."""
+    files = {p.name: p.stat().st_mtime_ns for p in Path(out).glob("run=*/*.parquet")}
+    return {k: v for k, v in files.items() if (".part-" in k) == parts}
 
 
 def test_sigkill_at_many_points_then_rerun_gives_exactly_one_row_per_image(ray_local, tmp_path):
@@ -67,6 +70,7 @@ def test_sigkill_at_many_points_then_rerun_gives_exactly_one_row_per_image(ray_l
         ("lease", cluster),
         ("plan", own_ray),
         ("timed", own_ray),
+        ("part:2", cluster),
         ("commit:1", cluster),
         ("commit:2", own_ray),
         ("verify", own_ray),
@@ -74,7 +78,7 @@ def test_sigkill_at_many_points_then_rerun_gives_exactly_one_row_per_image(ray_l
     ]
     history = []
     for point, env in kills:
-        before = shard_files(out)
+        before, parts_before = shard_files(out), shard_files(out, parts=True)
         env = dict(env, **({} if point == "timed" else {"OMNILMM_KILL_AT": point}))
         p = start(job_cmd(inputs, out, calls), env)
         if point == "timed":  # from outside, mid-batch: as soon as one more shard lands
@@ -87,9 +91,11 @@ def test_sigkill_at_many_points_then_rerun_gives_exactly_one_row_per_image(ray_l
         assert rc == -signal.SIGKILL, (
             f"{point}: job was not killed (rc={rc}): {p.stderr.read().decode()[-2000:]}"
         )
-        after = shard_files(out)
-        # committed shards are never rewritten: same files, same mtimes
+        after, parts_after = shard_files(out), shard_files(out, parts=True)
+        # committed shards are never rewritten: same files, same mtimes; a part is never rewritten either
+        # (it only disappears once merged into its shard's file)
         assert {k: v for k, v in after.items() if k in before} == before, point
+        assert all(parts_after[k] == v for k, v in parts_before.items() if k in parts_after), point
         history.append((point, len(after)))
     assert history[-1][1] == SHARDS, history  # the last two kills happened after every shard was committed
     assert not list(out.glob("run=*/_SUCCESS"))
