@@ -74,7 +74,7 @@ class _Pending:
 
 
 class ShardCommitter:
-    """Collects ENGINE_SCHEMA batches (any order, any repeats) and commits whole shards."""
+    """Collects ENGINE_SCHEMA batches (any order, any repeats); writes part files, then whole shards."""
 
     def __init__(
         self,
