@@ -78,6 +78,12 @@ class EngineConfig(_Strict):
     trust_remote_code: bool = Field(False, description="Allow model repositories to run their own code.")
     chat_template: str | None = Field(None, description="lmdeploy chat template name to force.")
     vision_max_batch_size: int = Field(8, gt=0, description="lmdeploy VisionConfig.max_batch_size.")
+    start_timeout_s: float = Field(
+        900,
+        gt=0,
+        description="How long to wait for a worker with `tp` free GPUs (an autoscaler may be adding one) before "
+        "failing the job.",
+    )
     max_crashes_per_image: int = Field(
         1, ge=1, description="An image on which the engine died this many times, alone, becomes an error row."
     )

@@ -60,12 +60,27 @@ def start_preflight(cfg: JobConfig):
         except ValueError as e:
             return None, str(e)
 
+    if ray.cluster_resources().get("GPU", 0) < cfg.engine.tp:
+        log.warning(
+            "the cluster has fewer than %d GPUs now; waiting up to %.0fs for one to join "
+            "(engine.start_timeout_s; on a machine without GPUs use --engine fake)",
+            cfg.engine.tp,
+            cfg.engine.start_timeout_s,
+        )
     ref = _resolve.remote(cfg.engine)
     result: list[str] = []
 
     def wait() -> str:
         if not result:
-            backend, err = ray.get(ref)
+            try:
+                backend, err = ray.get(ref, timeout=cfg.engine.start_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                ray.cancel(ref, force=True)
+                raise ConfigError(
+                    f"engine.tp: no worker with {cfg.engine.tp} free GPU(s) came up within "
+                    f"{cfg.engine.start_timeout_s:.0f}s (engine.start_timeout_s); add GPU workers, lower "
+                    "engine.tp, or use --engine fake on a machine without GPUs"
+                ) from None
             if err:
                 raise ConfigError(err)
             log.info("engine: %s -> lmdeploy %s backend", cfg.engine.model, backend)

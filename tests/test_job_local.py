@@ -152,3 +152,13 @@ def test_decoding_stays_out_of_the_engine_actor(ray_local, mixed_inputs, tmp_pat
     ds = build_dataset(plan_shards(cfg.inputs, cfg.input), cfg, str(tmp_path), None).materialize()
     stats = ds.stats()
     assert "MapBatches(preprocess_batch)" in stats and "->MapBatches(CaptionStage)" not in stats
+
+
+def test_real_engine_without_gpus_fails_with_a_clear_message(ray_local, mixed_inputs, tmp_path, capsys):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("engine: {backend: turbomind, start_timeout_s: 2}\n")
+    out = tmp_path / "out"
+    rc = cli.main(["--config", str(cfg), "--input", str(mixed_inputs / "files"), "--output", str(out)])
+    assert rc == 2
+    assert "no worker with 1 free GPU(s) came up within 2s" in capsys.readouterr().err
+    assert not list(out.glob("run=*"))
