@@ -97,13 +97,12 @@ class ShardCommitter:
         self.duplicates_dropped = 0
 
     def add(self, batch: pa.Table) -> None:
-        ends = pa.array(schema.is_end(batch))
         for sid in pc.unique(batch.column("shard_id")).to_pylist():
             mine = batch.filter(pc.equal(batch.column("shard_id"), sid))
+            mine_ends = pa.array(schema.is_end(mine))
             if sid in self.committed:  # a late repeat of a shard already written
-                self.duplicates_dropped += sum(1 for e in schema.is_end(mine) if not e)
+                self.duplicates_dropped += len(mine) - pc.sum(mine_ends).as_py()
                 continue
-            mine_ends = pa.array(schema.is_end(mine)) if len(mine) != len(batch) else ends
             p = self.pending.setdefault(sid, _Pending())
             for r in mine.filter(mine_ends).select(["shard_rows", "shard_skipped"]).to_pylist():
                 p.expected, p.skipped = r["shard_rows"], r["shard_skipped"] or 0

@@ -140,9 +140,10 @@ def summarize(cfg: JobConfig, run: Run, rows: pa.Table, attempt: dict) -> dict:
 
 
 def run_job(cfg: JobConfig, dry_run: bool = False) -> dict:
-    table = check_output(cfg) if not dry_run else OutputTable(cfg.output, cfg.sink.storage_options)
     if dry_run:
+        table = OutputTable(cfg.output, cfg.sink.storage_options)
         return {"dry_run": describe(cfg, table.open_run(cfg, write=False))}
+    table = check_output(cfg)
     preflight = start_preflight(cfg)
     with Lease(cfg.output, cfg.sink.lock_ttl_s, cfg.sink.storage_options):
         kill_point("lease")

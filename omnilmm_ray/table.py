@@ -19,9 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from omnilmm_ray.commit import shard_file
 from omnilmm_ray.config import ConfigError, JobConfig, generation_fingerprint
 from omnilmm_ray.sources import Shard, plan_shards, without_done
-from omnilmm_ray.storage import join, read_json, resolve, unstrip, write_json
+from omnilmm_ray.storage import join, read_json, resolve, write_json
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,14 @@ class OutputTable:
             return []
         return sorted(n.rsplit("/", 1)[-1][4:] for n in names if n.rsplit("/", 1)[-1].startswith("run="))
 
+    def _run_path(self, run_id: str) -> str:
+        return join(self.path, f"run={run_id}")
+
     def is_sealed(self, run_id: str) -> bool:
-        return self.fs.exists(join(self.path, f"run={run_id}", "_SUCCESS"))
+        return self.fs.exists(join(self._run_path(run_id), "_SUCCESS"))
 
     def plan_of(self, run_id: str) -> dict | None:
-        return read_json(self.fs, join(self.path, f"run={run_id}", "_plan.json"))
+        return read_json(self.fs, join(self._run_path(run_id), "_plan.json"))
 
     def sealed_runs(self) -> list[str]:
         return [r for r in self.run_ids() if self.is_sealed(r)]
@@ -67,21 +71,22 @@ class OutputTable:
         """
         fp = generation_fingerprint(cfg)
         ids = self.run_ids()
-        for rid in ids:
-            plan = self.plan_of(rid)
+        plans = {rid: self.plan_of(rid) for rid in ids}  # each read once: these are object-store GETs
+        sealed = [rid for rid in ids if self.is_sealed(rid)]
+        for rid, plan in plans.items():
             if plan and plan["fingerprint"] != fp:
                 raise ConfigError(
                     f"output: {self.uri} holds run {rid} made with other settings ({plan['fingerprint']}); "
                     "captions with different model/prompt/generation settings go to a new --output"
                 )
-        if ids and not self.is_sealed(ids[-1]) and self.plan_of(ids[-1]) is not None:
-            plan = self.plan_of(ids[-1])
+        if ids and ids[-1] not in sealed and plans[ids[-1]] is not None:
             if before_write:
                 before_write()
-            return Run(ids[-1], self.run_uri(ids[-1]), [Shard.from_dict(s) for s in plan["shards"]], True)
+            shards = [Shard.from_dict(s) for s in plans[ids[-1]]["shards"]]
+            return Run(ids[-1], self.run_uri(ids[-1]), shards, True)
         done: dict[str, str] = {}
-        for rid in self.sealed_runs():
-            for s in self.plan_of(rid)["shards"]:
+        for rid in sealed:
+            for s in plans[rid]["shards"]:
                 done.update(s["fingerprints"])
         shards = without_done(plan_shards(cfg.inputs, cfg.input), done)
         rid = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
@@ -91,7 +96,7 @@ class OutputTable:
         if write:
             write_json(
                 self.fs,
-                join(self.path, f"run={rid}", "_plan.json"),
+                join(self._run_path(rid), "_plan.json"),
                 {
                     "run_id": rid,
                     "fingerprint": fp,
@@ -101,21 +106,20 @@ class OutputTable:
             )
         return run
 
+    def _sealed_files(self) -> dict[str, list[str]]:
+        """Sealed run id -> its shard files."""
+        return {
+            rid: [shard_file(self._run_path(rid), s["shard_id"]) for s in self.plan_of(rid)["shards"]]
+            for rid in self.sealed_runs()
+        }
+
     def committed_files(self) -> list[str]:
-        files = []
-        for rid in self.sealed_runs():
-            files += [
-                join(self.path, f"run={rid}", f"{s['shard_id']}.parquet") for s in self.plan_of(rid)["shards"]
-            ]
-        return files
+        return [f for files in self._sealed_files().values() for f in files]
 
     def read_committed(self, columns: list[str] | None = None) -> pa.Table:
         """All rows of sealed runs, with a `run` column."""
         parts = []
-        for rid in self.sealed_runs():
-            files = [
-                join(self.path, f"run={rid}", f"{s['shard_id']}.parquet") for s in self.plan_of(rid)["shards"]
-            ]
+        for rid, files in self._sealed_files().items():
             if files:
                 t = pads.dataset(files, filesystem=self.fs, format="parquet").to_table(columns=columns)
                 parts.append(t.append_column("run", pa.array([rid] * len(t), pa.string())))
@@ -152,9 +156,6 @@ class OutputTable:
                 **{k: r[k] for k in ("input_tokens", "output_tokens", "finish_reason")},
             }
         return out
-
-    def describe(self) -> str:
-        return unstrip(self.fs, self.path)
 
 
 def latest_to_parquet(output_uri: str, dest_uri: str, storage_options: dict | None = None) -> int:
