@@ -57,6 +57,12 @@ class PreprocessConfig(_Strict):
         True,
         description="Let libjpeg decode large JPEGs directly at 1/2, 1/4 or 1/8 scale (never below max_side).",
     )
+    offload_processor: bool = Field(
+        True,
+        description="Run the model's own image processor on the CPU workers and hand the engine ready patches "
+        "(Qwen2-VL family on TurboMind; the model folder must be readable by the driver). Other models, or "
+        "false, hand the engine resized images and let it run its processor.",
+    )
     batch_size: int = Field(32, gt=0, description="Rows per CPU preprocessing task call.")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per preprocessing task.")
 
@@ -106,6 +112,11 @@ class EngineConfig(_Strict):
 
 class GenerationConfig(_Strict):
     max_new_tokens: int = Field(96, gt=0, description="Caption length limit in tokens.")
+    min_new_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="Generate at least this many tokens (benchmarks fix the output length with it).",
+    )
     temperature: float = Field(0.0, ge=0, description="0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(1, ge=0)
@@ -119,11 +130,17 @@ class ScaleConfig(_Strict):
     max_actors: int = Field(1, ge=1, description="Engine actors the pool may grow to.")
     max_batches_in_flight: int = Field(4, ge=1, description="Batches queued per engine actor.")
     concurrent_batches: int = Field(
-        1,
+        2,
         ge=1,
-        description="Engine calls running at once in one actor (threads). 2 lets TurboMind's continuous "
-        "batching start the next batch while the previous one drains; it measured no gain for a 2B model "
-        "at batch 512 (bench/results), so it is off by default. The PyTorch engine serialises calls anyway.",
+        description="Engine calls running at once in one actor (threads), so TurboMind's continuous batching "
+        "starts the next batch while the previous one drains instead of running dry between batches. The "
+        "PyTorch engine serialises calls anyway.",
+    )
+    actor_cpus: float = Field(
+        2,
+        gt=0,
+        description="CPUs reserved per engine actor (a real engine; the fake one takes 0.5). It also sets the "
+        "actor's thread count (OMP_NUM_THREADS), so several engines on one host do not oversubscribe its cores.",
     )
     shards_in_flight: int | None = Field(
         None,

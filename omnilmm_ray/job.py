@@ -90,6 +90,18 @@ def start_preflight(cfg: JobConfig):
     return wait
 
 
+def processor_offload(cfg: JobConfig, backend: str):
+    """The model's image processor to run on the CPU workers (vision.py), when this backend takes it."""
+    if not cfg.preprocess.offload_processor or backend not in ("turbomind", "fake"):
+        return None
+    from omnilmm_ray.vision import load_spec
+
+    spec = load_spec(cfg.engine.model)
+    if spec is not None:
+        log.info("preprocess: %s's image processor runs on the CPU workers (%s)", cfg.engine.model, spec.arch)
+    return spec
+
+
 def describe(cfg: JobConfig, run: Run) -> dict:
     from omnilmm_ray.pipeline import engine_resources
 
@@ -166,7 +178,8 @@ def run_job(cfg: JobConfig, dry_run: bool = False) -> dict:
         if todo:
             from omnilmm_ray.pipeline import caption_batches
 
-            for batch in caption_batches(todo, cfg, run.uri, reuse, progress.done_indices):
+            vision = processor_offload(cfg, backend)
+            for batch in caption_batches(todo, cfg, run.uri, reuse, progress.done_indices, vision):
                 processed += sum(1 for e in batch.column("shard_rows").to_pylist() if e is None)
                 committer.add(batch)
         if committer.uncommitted():

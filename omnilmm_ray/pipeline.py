@@ -33,7 +33,7 @@ def engine_resources(cfg: JobConfig) -> dict:
     """
     if cfg.engine.backend == "fake":
         return {"num_cpus": 0.5, "num_gpus": 0}
-    return {"num_cpus": 1, "num_gpus": cfg.engine.tp}
+    return {"num_cpus": cfg.scale.actor_cpus, "num_gpus": cfg.engine.tp}
 
 
 def shards_in_flight(cfg: JobConfig) -> int:
@@ -46,8 +46,10 @@ def build_dataset(
     run_uri: str,
     reuse: dict | None,
     skip: dict[str, set[int]] | None = None,
+    vision=None,
 ) -> ray.data.Dataset:
-    """`skip`: per shard, sample indices already committed in part files (not read into the pipeline)."""
+    """`skip`: per shard, sample indices already committed in part files (not read into the pipeline).
+    `vision`: the model's image processor to run on the CPU workers (vision.py), or None."""
     skip = skip or {}
     items = [
         {"shard": json.dumps(s.to_dict()), "skip": json.dumps(sorted(skip.get(s.shard_id, ())))}
@@ -58,8 +60,10 @@ def build_dataset(
     # so captions would reach the driver (and be committed) many batches at a time. Blocks of about half an
     # engine batch of pixels make each engine task about one batch, and captions stream back per batch.
     # `ds.context` is this dataset's own copy of the DataContext, not the process-wide one.
+    # Patches from the model's processor (vision.py) are bfloat16 with the frame repeated: 12 bytes per pixel.
+    bytes_per_pixel = 12 if vision is not None else 3
     ds.context.target_max_block_size = max(
-        1 << 20, cfg.scale.batch_size * cfg.preprocess.max_side**2 * 3 // 2
+        1 << 20, cfg.scale.batch_size * cfg.preprocess.max_side**2 * bytes_per_pixel // 2
     )
     ds = ds.map_batches(
         read_shards,
@@ -71,7 +75,7 @@ def build_dataset(
     )
     ds = ds.map_batches(
         preprocess_batch,
-        fn_kwargs={"cfg": cfg.preprocess},
+        fn_kwargs={"cfg": cfg.preprocess, "vision": vision},
         batch_size=cfg.preprocess.batch_size,
         batch_format="pyarrow",
         num_cpus=cfg.preprocess.num_cpus,
@@ -81,7 +85,12 @@ def build_dataset(
         # The reuse cache is put once and fetched per actor. Ray warns that constructor args in the object
         # store can break actor restarts if they go out of scope (ray-project/ray#53727); the driver holds
         # this reference for the whole run, and the actor-crash tests restart actors with it.
-        fn_constructor_kwargs={"cfg": cfg, "run_uri": run_uri, "reuse": ray.put(reuse or {})},
+        fn_constructor_kwargs={
+            "cfg": cfg,
+            "run_uri": run_uri,
+            "reuse": ray.put(reuse or {}),
+            "vision": vision,
+        },
         batch_size=cfg.scale.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(
@@ -104,6 +113,7 @@ def caption_batches(
     run_uri: str,
     reuse: dict | None,
     skip: dict[str, set[int]] | None = None,
+    vision=None,
 ) -> Iterator[pa.Table]:
-    ds = build_dataset(shards, cfg, run_uri, reuse, skip)
+    ds = build_dataset(shards, cfg, run_uri, reuse, skip, vision)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")

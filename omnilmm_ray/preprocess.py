@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import warnings
 
 import numpy as np
@@ -18,6 +19,26 @@ from omnilmm_ray.config import PreprocessConfig
 
 # Vision towers need a few patches per side (Qwen2-VL: 28 px); a 4000x3 banner is padded, not refused.
 MIN_SIDE = 28
+
+
+def smart_resize(
+    width: int, height: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 448 * 448
+) -> tuple[int, int]:
+    """The size Qwen2-VL's image processor resizes to: both sides multiples of `factor` (patch 14 x merge 2),
+    area within [min_pixels, max_pixels], aspect ratio kept. Same rounding as transformers'
+    `qwen2_vl.image_processing_qwen2_vl.smart_resize` (which takes and returns (height, width)); done here on
+    the CPU workers, the engine's processor finds nothing left to resize."""
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return w, h
 
 
 class ImageError(Exception):
@@ -83,8 +104,14 @@ def decode(data: bytes, cfg: PreprocessConfig) -> tuple[Image.Image, int, int]:
     return im, w, h
 
 
-def preprocess_batch(batch: pa.Table, cfg: PreprocessConfig) -> pa.Table:
-    """SAMPLE_SCHEMA -> PIXELS_SCHEMA. End markers and rows that already failed pass through."""
+def preprocess_batch(batch: pa.Table, cfg: PreprocessConfig, vision=None) -> pa.Table:
+    """SAMPLE_SCHEMA -> PIXELS_SCHEMA. End markers and rows that already failed pass through.
+
+    `vision` (a vision.VisionSpec): also run the model's image processor here, so `pixels` holds its patch
+    tensor (bfloat16) and `pw`/`ph` the processed size; without it `pixels` is the resized RGB image.
+    """
+    if vision is not None:
+        from omnilmm_ray.vision import patches
     out = []
     for r in batch.to_pylist():
         data = r.pop("image")
@@ -92,7 +119,13 @@ def preprocess_batch(batch: pa.Table, cfg: PreprocessConfig) -> pa.Table:
             r["sha256"] = hashlib.sha256(data).hexdigest()
             try:
                 im, r["width"], r["height"] = decode(data, cfg)
-                r.update(pixels=im.tobytes(), pw=im.width, ph=im.height)
+                if vision is None:
+                    r.update(pixels=im.tobytes(), pw=im.width, ph=im.height)
+                else:
+                    # the same resize the model's processor would apply to this image, then its patches
+                    size = vision.target_size(*im.size)
+                    im = im.resize(size, Image.Resampling.BICUBIC) if size != im.size else im
+                    r.update(pixels=patches(im, vision)[0], pw=im.width, ph=im.height)
             except ImageError as e:
                 r.update(schema.error(e.kind, str(e)))
             except Exception as e:  # a Pillow plugin bug must cost one row, not the job
@@ -101,5 +134,23 @@ def preprocess_batch(batch: pa.Table, cfg: PreprocessConfig) -> pa.Table:
     return schema.table(out, schema.PIXELS_SCHEMA)
 
 
-def pixels_to_image(pixels: bytes, w: int, h: int) -> Image.Image:
-    return Image.frombytes("RGB", (w, h), pixels)
+def pixels_to_image(pixels, w: int, h: int) -> Image.Image:
+    """RGB bytes (or a buffer view of them) -> an image that shares the buffer where Pillow allows it."""
+    return Image.frombuffer("RGB", (w, h), pixels, "raw", "RGB", 0, 1)
+
+
+def binary_views(col: pa.ChunkedArray) -> list[memoryview | None]:
+    """A binary column -> one zero-copy view per value (None for nulls).
+
+    `to_pylist()` would copy every value into a Python bytes object: for a batch of pixels that is hundreds of
+    MB copied in the GPU actor, on the thread that feeds the engine.
+    """
+    out: list[memoryview | None] = []
+    for chunk in col.chunks:
+        _, offsets, data = chunk.buffers()
+        width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+        offs = np.frombuffer(offsets, dtype=width)[chunk.offset : chunk.offset + len(chunk) + 1]
+        view = memoryview(data) if data is not None else memoryview(b"")
+        valid = chunk.is_valid().to_numpy(zero_copy_only=False)
+        out.extend(view[offs[i] : offs[i + 1]] if valid[i] else None for i in range(len(chunk)))
+    return out

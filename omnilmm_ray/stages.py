@@ -5,9 +5,12 @@ Nothing here imports Ray; pipeline.py decides placement (CPU tasks, GPU actor po
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import threading
+import time
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -15,9 +18,9 @@ from PIL import Image
 
 from omnilmm_ray import schema
 from omnilmm_ray.config import JobConfig
-from omnilmm_ray.engines import Caption, EngineDied, make_engine
+from omnilmm_ray.engines import Caption, EngineDied, Prepared, make_engine
 from omnilmm_ray.faults import FlightRecorder
-from omnilmm_ray.preprocess import pixels_to_image
+from omnilmm_ray.preprocess import binary_views, pixels_to_image
 from omnilmm_ray.readers import read_shard
 from omnilmm_ray.sources import Shard
 from omnilmm_ray.storage import join
@@ -33,6 +36,44 @@ def read_shards(batch: pa.Table, cfg: JobConfig) -> Iterator[pa.Table]:
     """One row per shard (its JSON plan entry, indices to skip) -> SAMPLE_SCHEMA blocks, streamed."""
     for d, skip in zip(batch.column("shard").to_pylist(), batch.column("skip").to_pylist()):
         yield from read_shard(Shard.from_dict(json.loads(d)), cfg.input, set(json.loads(skip)))
+
+
+class StageTimer:
+    """Where an engine actor's time goes, per thread of calls: waiting for a batch, converting it, in the
+    engine, building the output. Logged every `every_s` so the next bottleneck shows without a profiler."""
+
+    def __init__(self, every_s: float = 30.0):
+        self.every_s = every_s
+        self.totals: dict[str, float] = {"wait": 0.0, "convert": 0.0, "engine": 0.0, "return": 0.0}
+        self.images = self.batches = 0
+        self.t0 = self.last_log = time.perf_counter()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    def start(self, phase: str) -> None:
+        now = time.perf_counter()
+        prev, since = getattr(self._local, "phase", ("wait", self.t0))
+        with self._lock:
+            self.totals[prev] += now - since
+        self._local.phase = (phase, now)
+
+    def stop(self, images: int) -> None:
+        self.start("wait")
+        with self._lock:
+            self.images += images
+            self.batches += 1
+            now = self._local.phase[1]
+            if now - self.last_log < self.every_s:
+                return
+            self.last_log = now
+            wall = now - self.t0
+            log.info(
+                "engine actor: %d batches, %d images, %.1f images/s; seconds per call thread: %s",
+                self.batches,
+                self.images,
+                self.images / wall,
+                ", ".join(f"{k} {v:.1f}" for k, v in self.totals.items()),
+            )
 
 
 def _caption_row(r: dict, cfg: JobConfig, c: Caption, cached: bool) -> dict:
@@ -59,21 +100,31 @@ class CaptionStage:
     as an `engine_crash` error row instead of killing actors forever.
     """
 
-    def __init__(self, cfg: JobConfig, run_uri: str, reuse=None):
+    def __init__(self, cfg: JobConfig, run_uri: str, reuse=None, vision=None):
         if reuse is not None and not isinstance(reuse, dict):  # an ObjectRef: shared once, fetched per actor
             import ray
 
             reuse = ray.get(reuse)
         self.cfg = cfg
         self.reuse = reuse or {}
+        self.vision = vision  # vision.VisionSpec: pixels arrive as the model's patches (preprocess_batch)
         self.engine = make_engine(cfg.engine, cfg.generation, crash_marker=join(run_uri, "_drill_crashed"))
         self.flight = FlightRecorder(run_uri, cfg.sink.storage_options)
+        self.timer = StageTimer()
+
+    def _image(self, r: dict, pixels, pw: int, ph: int) -> Image.Image | Prepared:
+        if self.vision is None:
+            return pixels_to_image(pixels, pw, ph)
+        key = f"{r['sha256']}|{pw}x{ph}|{self.cfg.preprocess.max_side}|{self.vision}".encode()
+        return Prepared(pixels, (pw, ph), hashlib.sha256(key).digest())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
+        self.timer.start("convert")
+        pixels = binary_views(batch.column("pixels"))
+        rows = batch.drop_columns(["pixels"]).to_pylist()  # the pixels stay in the batch's buffers
         todo = []
-        for r in rows:
-            pixels, pw, ph = r.pop("pixels"), r.pop("pw"), r.pop("ph")
+        for r, px in zip(rows, pixels):
+            pw, ph = r.pop("pw"), r.pop("ph")
             if r["shard_rows"] is not None:  # end marker
                 continue
             r.update(model=self.cfg.model_label, prompt=self.cfg.prompt, cached=False)
@@ -83,7 +134,8 @@ class CaptionStage:
             if hit is not None:
                 _caption_row(r, self.cfg, Caption(**hit), cached=True)
             else:
-                todo.append((r, pixels_to_image(pixels, pw, ph)))
+                todo.append((r, self._image(r, px, pw, ph)))
+        self.timer.start("engine")
         if todo and self.flight.begin(_ids(todo)) == 0:
             self._caption(todo)
         elif todo:
@@ -100,7 +152,10 @@ class CaptionStage:
                 self.flight.end(_ids([item]))
         if todo:
             self.flight.end(_ids(todo))
-        return schema.table(rows, schema.ENGINE_SCHEMA)
+        self.timer.start("return")
+        out = schema.table(rows, schema.ENGINE_SCHEMA)
+        self.timer.stop(len(todo))
+        return out
 
     def _caption(self, todo: list[tuple[dict, Image.Image]]) -> None:
         try:

@@ -22,6 +22,20 @@ class Caption:
     error: str | None = None  # per-request failure; the row becomes an error row
 
 
+@dataclass
+class Prepared:
+    """An image already through the model's processor on a CPU worker (vision.py): the engine skips its own.
+
+    `pixels`: bfloat16 patch rows (a buffer, shared with the batch it came in), `size`: the processed
+    (width, height), `fingerprint`: identifies the pixels (the image's sha256 and the processing settings)
+    so the engine need not hash them.
+    """
+
+    pixels: memoryview | bytes
+    size: tuple[int, int]
+    fingerprint: bytes
+
+
 class EngineDied(RuntimeError):
     """The engine is no longer usable (CUDA error, OOM, crashed worker): the actor must exit."""
 
@@ -29,7 +43,7 @@ class EngineDied(RuntimeError):
 class Engine(Protocol):
     name: str
 
-    def caption(self, prompt: str, images: list[Image.Image]) -> list[Caption]: ...
+    def caption(self, prompt: str, images: list[Image.Image | Prepared]) -> list[Caption]: ...
 
 
 def make_engine(cfg: EngineConfig, gen: GenerationConfig, crash_marker: str | None = None) -> Engine:

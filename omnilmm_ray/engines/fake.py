@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from omnilmm_ray.config import EngineConfig
-from omnilmm_ray.engines import Caption
+from omnilmm_ray.engines import Caption, Prepared
 from omnilmm_ray.storage import resolve, write_bytes_atomic
 
 BANNER = "FAKE ENGINE: captions are placeholders computed from pixel statistics, not model output"
@@ -53,9 +53,13 @@ class FakeEngine:
             os._exit(18)  # a "poison" image: kills the engine every time it is in the batch
         out = []
         for im in images:
-            a = np.asarray(im, dtype=np.float32)
-            r, g, b = (int(v) for v in a.reshape(-1, 3).mean(axis=0))
-            digest = hashlib.sha1(im.tobytes()).hexdigest()[:8]
-            text = f"[fake] a {im.width}x{im.height} picture, mean colour ({r},{g},{b}), id {digest}"
+            if isinstance(im, Prepared):  # patches from the CPU workers: no colours to report
+                digest = hashlib.sha1(im.pixels).hexdigest()[:8]
+                text = f"[fake] a {im.size[0]}x{im.size[1]} picture given as patches, id {digest}"
+            else:
+                a = np.asarray(im, dtype=np.float32)
+                r, g, b = (int(v) for v in a.reshape(-1, 3).mean(axis=0))
+                digest = hashlib.sha1(im.tobytes()).hexdigest()[:8]
+                text = f"[fake] a {im.width}x{im.height} picture, mean colour ({r},{g},{b}), id {digest}"
             out.append(Caption(text, len(prompt.split()) + 16, len(text.split()), "stop"))
         return out

@@ -8,11 +8,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import warnings
 
 from PIL import Image
 
 from omnilmm_ray.config import EngineConfig, GenerationConfig
-from omnilmm_ray.engines import Caption, EngineDied
+from omnilmm_ray.engines import Caption, EngineDied, Prepared
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class LmdeployEngine:
         )
         self.gen_config = lmdeploy.GenerationConfig(
             max_new_tokens=gen.max_new_tokens,
+            min_new_tokens=gen.min_new_tokens,
             do_sample=gen.temperature > 0,
             temperature=gen.temperature or 1.0,
             top_p=gen.top_p,
@@ -98,6 +100,7 @@ class LmdeployEngine:
             random_seed=gen.random_seed,
         )
         self.tokenizer = self.pipe.async_engine.tokenizer
+        self.takes_prepared = self.backend == "turbomind" and _accept_prepared(self.pipe)
         self.redecoded = 0  # captions recovered by the workaround in _text
         self._lock = threading.Lock() if self.backend == "pytorch" else contextlib.nullcontext()
         log.info("engine ready: %s %s tp=%d", self.name, cfg.model, cfg.tp)
@@ -110,13 +113,29 @@ class LmdeployEngine:
             return self.tokenizer.decode(r.token_ids, skip_special_tokens=True)
         return r.text
 
-    def caption(self, prompt: str, images: list[Image.Image]) -> list[Caption]:
+    def caption(self, prompt: str, images: list[Image.Image | Prepared]) -> list[Caption]:
         # Several threads may call this (scale.concurrent_batches): TurboMind's Pipeline.infer hands requests to
         # the engine's event-loop thread, which batches concurrent calls together (run on GPU in tests/gpu).
         # The PyTorch engine is not declared thread-safe unless configured so; its calls take turns.
+        if any(isinstance(im, Prepared) for im in images) and not self.takes_prepared:
+            raise ValueError(f"{self.name} cannot take pre-processed images for this model")
+        # OpenAI-style messages: lmdeploy passes an `image_data` item's object through to the processor
+        # untouched, where the hook installed by _accept_prepared picks up a Prepared one.
+        requests = [
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": prompt},
+                        {"type": "image_data", "image_data": {"data": im}},
+                    ],
+                }
+            ]
+            for im in images
+        ]
         try:
             with self._lock:
-                responses = self.pipe([(prompt, im) for im in images], gen_config=self.gen_config)
+                responses = self.pipe(requests, gen_config=self.gen_config)
         except Exception as e:  # the batch call itself failed: the engine's state is unknown
             raise EngineDied(f"{self.name} failed a batch call: {type(e).__name__}: {e}") from e
         out = []
@@ -134,3 +153,53 @@ class LmdeployEngine:
             else:
                 out.append(Caption(self._text(r), r.input_token_len, r.generate_token_len, r.finish_reason))
         return out
+
+
+def _accept_prepared(pipe) -> bool:
+    """Let TurboMind's Qwen2-VL processor step take `Prepared` patches as they are; False for other models.
+
+    lmdeploy 0.18 runs `VisionModel.preprocess(messages)` on one executor thread per engine and, for
+    TurboMind's native Qwen2 ViT, hashes the float32 patches again on the event-loop thread when no
+    `fingerprint` is given (turbomind/models/qwen2_vl.py `_resolve_fingerprint`). A Prepared item arrives
+    as bfloat16 patches with a fingerprint, so both steps cost nothing; anything else goes to the model's
+    own processor. The output dict has the keys lmdeploy's Qwen2VLModel.preprocess produces.
+    """
+    import torch
+
+    encoder = getattr(pipe.async_engine, "vl_encoder", None)
+    vm = getattr(encoder, "model", None)
+    if type(vm).__name__ != "Qwen2VLModel" or getattr(encoder, "_uses_new_preprocess", True):
+        return False
+    original = vm.preprocess
+    merge = vm.processor.image_processor.merge_size
+    patch_dim = (
+        3 * vm.processor.image_processor.temporal_patch_size * vm.processor.image_processor.patch_size**2
+    )
+    patch = vm.processor.image_processor.patch_size
+
+    def preprocess(messages: list[dict]) -> list[dict]:
+        items = vm.collect_multimodal_items(messages)
+        if not items or not all(isinstance(data, Prepared) for _, data, _ in items):
+            return original(messages)
+        outputs = []
+        for _, p, _ in items:
+            w, h = p.size
+            with warnings.catch_warnings():  # read-only buffer: lmdeploy only reads it
+                warnings.simplefilter("ignore", UserWarning)
+                pixels = torch.frombuffer(p.pixels, dtype=torch.bfloat16).view(-1, patch_dim)
+            grid = torch.tensor([[1, h // patch, w // patch]])
+            outputs.append(
+                dict(
+                    pixel_values=pixels,
+                    image_grid_thw=grid,
+                    image_size=p.size,
+                    image_tokens=grid.prod(dim=1) // merge**2,
+                    image_token_id=vm.image_token_id,
+                    fingerprint=p.fingerprint,
+                )
+            )
+        messages.append(dict(role="preprocess", content=outputs))
+        return messages
+
+    vm.preprocess = preprocess
+    return True

@@ -47,3 +47,43 @@ def test_greedy_is_deterministic_and_the_image_reaches_the_model(turbomind):
     # A smaller image is fewer image tokens: 112x112 -> 16 instead of 64, so the image is what is counted
     small = turbomind.caption(PROMPT, [a.resize((112, 112))])
     assert first[0].input_tokens - small[0].input_tokens == 48
+
+
+def test_patches_from_the_cpu_workers_match_the_engines_own_processor(turbomind, tiny_model):
+    """vision.py reproduces the model's processor: same bfloat16 patches as transformers' processor, and the
+    same greedy captions as handing TurboMind the image."""
+    import hashlib
+
+    import numpy as np
+    import torch
+    from transformers import AutoProcessor
+
+    from omnilmm_ray.engines import Prepared
+    from omnilmm_ray.vision import load_spec, patches
+
+    spec = load_spec(tiny_model)
+    assert spec is not None and turbomind.takes_prepared
+    hf = AutoProcessor.from_pretrained(tiny_model).image_processor
+    images, prepared, mismatched, total = [], [], 0, 0
+    for i, size in enumerate([(224, 224), (200, 150), (150, 210), (97, 301)] * 8):
+        im, _ = draw(300 + i, size=size)
+        im = im.resize(spec.target_size(*im.size))  # what preprocess_batch does before `patches`
+        data, gh, gw = patches(im, spec)
+        ref = hf(images=[im], return_tensors="pt")
+        assert ref["image_grid_thw"].tolist() == [[1, gh, gw]]
+        ours = np.frombuffer(data, np.uint16)
+        theirs = ref["pixel_values"].to(torch.bfloat16).view(torch.uint16).numpy().ravel()
+        assert ours.shape == theirs.shape
+        diff = np.abs(ours.astype(np.int32) - theirs.astype(np.int32))
+        assert diff.max() <= 1, "at most one bfloat16 ulp apart (float32 rounding order)"
+        mismatched, total = mismatched + int((diff > 0).sum()), total + diff.size
+        images.append(im)
+        prepared.append(Prepared(data, im.size, hashlib.sha256(data).digest()))
+    print(f"bfloat16 values one ulp apart: {mismatched}/{total}")
+    assert mismatched / total < 1e-3
+    a = turbomind.caption(PROMPT, images)
+    b = turbomind.caption(PROMPT, prepared)
+    assert [c.input_tokens for c in a] == [c.input_tokens for c in b]
+    same = sum(x.text == y.text for x, y in zip(a, b))
+    print(f"identical captions, image vs patches: {same}/{len(a)}")
+    assert same >= len(a) - 1 if mismatched else same == len(a)

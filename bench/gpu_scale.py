@@ -1,0 +1,332 @@
+"""Captioning throughput on 1 and 2 GPUs of one host: lmdeploy alone vs. this job, measured side by side.
+
+Same JPEG shards (640x480, WebDataset tars on local disk), same random-weight model of Qwen2-VL-2B's shapes
+(omnilmm_ray.testing.tiny_vlm.QWEN2_VL_2B), TurboMind, greedy, exactly `--tokens` new tokens per image.
+
+- ceiling: one process per GPU, images decoded beforehand, a 512-image warm-up, then ONE `pipe(list)` call over
+  all images (lmdeploy's best case); also the usual script end to end (engine start + decode + that call);
+- two ceilings at once, one process per GPU (what two independent engines reach on one host);
+- the seed loop: load 16 images, `pipe()` them, repeat;
+- the job on 1 GPU, on 2 GPUs (2 actors), autoscaled (min 1, max 2 actors): end to end (process start to
+  sealed output) and steady state (images of the shards committed between the 10th and 90th percentile of
+  commit times, over that time);
+- beside each: the GPUs' kernel-active share (nvidia-smi's sampled utilisation, not how busy the cores were).
+
+    python bench/gpu_scale.py --part ceilings --out /tmp/scale-ceilings.json
+    python bench/gpu_scale.py --part jobs --out /tmp/scale-jobs.json
+    python bench/gpu_scale.py --report /tmp/scale-ceilings.json /tmp/scale-jobs.json > bench/results/gpu-scale.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPT = "Describe this image in one detailed sentence."
+PER_SHARD = 256
+
+
+def _shard(args) -> str:
+    from omnilmm_ray.samples import draw, encode, write_tar
+
+    path, start, n = args
+    samples = [
+        (f"{i:07d}", {"jpg": encode(draw(i, size=(640, 480))[0], quality=90)}) for i in range(start, n)
+    ]
+    return str(write_tar(Path(path), samples))
+
+
+def make_shards(root: Path, n: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    if len(list(root.glob("*.tar"))) * PER_SHARD >= n:
+        return root
+    jobs = [(root / f"{s // PER_SHARD:05d}.tar", s, min(n, s + PER_SHARD)) for s in range(0, n, PER_SHARD)]
+    with ProcessPoolExecutor() as pool:
+        list(pool.map(_shard, jobs))
+    return root
+
+
+def iter_images(shards: Path):
+    from PIL import Image
+
+    for p in sorted(shards.glob("*.tar")):
+        with tarfile.open(p) as tar:
+            for m in tar:
+                yield Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")
+
+
+class GpuSampler:
+    """nvidia-smi's utilisation.gpu every 200 ms: the share of samples in which a kernel was running."""
+
+    def __init__(self):
+        self.samples: list[list[int]] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(0.2):
+            r = subprocess.run(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+            )
+            if r.returncode == 0:
+                self.samples.append([int(x) for x in r.stdout.split()])
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+    def mean(self) -> list[float]:
+        if not self.samples:
+            return []
+        return [
+            round(sum(s[i] for s in self.samples) / len(self.samples), 1) for i in range(len(self.samples[0]))
+        ]
+
+
+def ceiling(model: str, shards: str, tokens: int, seed_loop: int) -> dict:
+    """One process, one GPU: the usual script end to end, then lmdeploy's steady rate on pre-decoded images."""
+    import lmdeploy
+
+    t0 = time.perf_counter()
+    pipe = lmdeploy.pipeline(
+        model,
+        backend_config=lmdeploy.TurbomindEngineConfig(session_len=2048, cache_max_entry_count=0.5),
+        log_level="ERROR",
+    )
+    t_engine = time.perf_counter()
+    images = list(iter_images(Path(shards)))
+    t_decoded = time.perf_counter()
+    gen = lmdeploy.GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    pipe([(PROMPT, im) for im in images[:512]], gen_config=gen)  # warm-up of comparable size
+    with GpuSampler() as gpu:
+        t2 = time.perf_counter()
+        out = pipe([(PROMPT, im) for im in images], gen_config=gen)
+        t3 = time.perf_counter()
+    res = {
+        "images": len(out),
+        "engine_start_s": t_engine - t0,
+        "decode_s": t_decoded - t_engine,
+        # the usual script = engine start + decode on one thread + the one call (its warm-up not counted)
+        "script_end_to_end_images_per_s": len(out) / (t_decoded - t0 + t3 - t2),
+        "ceiling_images_per_s": len(out) / (t3 - t2),
+        "ceiling_gpu_util": gpu.mean(),
+        "output_tokens": sum(r.generate_token_len for r in out),
+    }
+    if seed_loop:
+        with GpuSampler() as gpu:
+            t4 = time.perf_counter()
+            n, chunk = 0, []
+            for im in iter_images(Path(shards)):  # the seed's recipe: load 16 images, caption them, repeat
+                chunk.append(im)
+                if len(chunk) == 16:
+                    pipe([(PROMPT, x) for x in chunk], gen_config=gen)
+                    n, chunk = n + 16, []
+                    if n >= seed_loop:
+                        break
+            res["seed_loop_images_per_s"] = n / (time.perf_counter() - t4)
+            res["seed_loop_gpu_util"] = gpu.mean()
+    pipe.close()
+    return res
+
+
+def run_ceilings(args, model: str, shards: Path) -> dict:
+    cmd = [sys.executable, __file__, "--side", "ceiling", "--model", model, "--work", args.work]
+    cmd += ["--tokens", str(args.tokens)]
+
+    def start(gpu: int, seed_loop: int = 0):
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+        return subprocess.Popen(
+            [*cmd, "--seed-loop", str(seed_loop)], env=env, stdout=subprocess.PIPE, text=True
+        )
+
+    def result(p) -> dict:
+        out, _ = p.communicate()
+        assert p.returncode == 0, p.returncode
+        return json.loads(out.strip().splitlines()[-1])
+
+    res = {"ceiling_gpu0_alone": result(start(0, seed_loop=args.seed_loop))}
+    pair = [start(0), start(1)]
+    res["ceiling_two_at_once"] = [result(p) for p in pair]
+    return res
+
+
+def _commit_times(out: Path) -> list[tuple[float, int]]:
+    import pyarrow.parquet as pq
+
+    run = sorted(out.glob("run=*"))[-1]
+    return sorted(
+        (p.stat().st_mtime, pq.ParquetFile(p).metadata.num_rows)
+        for p in run.glob("*.parquet")
+        if ".part-" not in p.name
+    )
+
+
+def job(model: str, shards: Path, out: Path, tokens: int, gpus: int, min_actors: int, batch: int) -> dict:
+    cfg = {
+        "engine": {"backend": "turbomind", "model": model, "session_len": 2048, "cache_max_entry_count": 0.5},
+        "generation": {"max_new_tokens": tokens, "min_new_tokens": tokens},
+        "scale": {"batch_size": batch, "min_actors": min_actors, "max_actors": gpus},
+        "preprocess": {"max_side": 640},  # = the image size: the engine sees the same pixels as the ceiling
+    }
+    cfg_path = out.with_suffix(".yaml")
+    cfg_path.write_text(json.dumps(cfg))
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus)),
+        "RAY_ADDRESS": "local",
+    }
+    cmd = [sys.executable, str(ROOT / "jobs" / "caption.py"), "--config", str(cfg_path)]
+    cmd += ["--input", str(shards), "--output", str(out)]
+    with GpuSampler() as gpu:
+        t0 = time.time()
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        t1 = time.time()
+    (out.parent / f"{out.name}.log").write_text(r.stderr)
+    assert r.returncode == 0, r.stderr[-3000:]
+    commits = _commit_times(out)
+    n = sum(c for _, c in commits)
+    lo, hi = commits[len(commits) // 10], commits[len(commits) * 9 // 10]
+    steady = sum(c for t, c in commits if lo[0] < t <= hi[0]) / (hi[0] - lo[0])
+    actor_lines = [ln.split("engine actor: ", 1)[1] for ln in r.stderr.splitlines() if "engine actor: " in ln]
+    return {
+        "images": n,
+        "end_to_end_images_per_s": n / (t1 - t0),
+        "steady_images_per_s": steady,
+        "first_commit_s": commits[0][0] - t0,
+        "wall_s": t1 - t0,
+        "gpu_util": gpu.mean(),
+        "actor_timings_last": actor_lines[-2:],
+    }
+
+
+def run_jobs(args, model: str, shards: Path) -> dict:
+    work = Path(args.work)
+    res = {}
+    for name, gpus, min_actors in (("job_1gpu", 1, 1), ("job_2gpu", 2, 2), ("job_autoscale_1to2", 2, 1)):
+        out = work / f"out-{name}-{time.time_ns()}"
+        res[name] = job(model, shards, out, args.tokens, gpus, min_actors, args.batch)
+    return res
+
+
+def report(paths: list[str]) -> str:
+    r: dict = {}
+    for p in paths:
+        r.update(json.loads(Path(p).read_text()))
+    meta = r.pop("meta")
+    c1 = r["ceiling_gpu0_alone"]
+    pair = r["ceiling_two_at_once"]
+    ceil = c1["ceiling_images_per_s"]
+    pair_rates = [p["ceiling_images_per_s"] for p in pair]
+    pair_sum = sum(pair_rates)
+    lines = [
+        f"# GPU scale: lmdeploy alone vs. the job on 1 and 2 GPUs ({meta['date']})",
+        "",
+        f"Machine: {meta['gpus']} x {meta['gpu']}, {meta['cpus']} CPU cores; lmdeploy {meta['lmdeploy']}, "
+        f"ray {meta['ray']}, torch {meta['torch']}. Model: random weights, Qwen2-VL-2B shapes; {meta['images']} "
+        f"JPEGs 640x480 in {meta['images'] // PER_SHARD} WebDataset tars; TurboMind; greedy; exactly "
+        f"{meta['tokens']} new tokens; job batch {meta['batch']}.",
+        f"Commands: {meta['commands']}",
+        "",
+        "| what | images/s | ratio | GPU kernel-active % |",
+        "| --- | --- | --- | --- |",
+        f"| lmdeploy alone, one call over pre-decoded images (ceiling, GPU 0) | {ceil:.1f} | 1.00x ceiling | "
+        f"{c1['ceiling_gpu_util']} |",
+        f"| the usual script end to end (engine start + decode + one call) | "
+        f"{c1['script_end_to_end_images_per_s']:.1f} | {c1['script_end_to_end_images_per_s'] / ceil:.2f}x | |",
+        f"| the seed loop (load 16, caption, repeat) | {c1['seed_loop_images_per_s']:.1f} | "
+        f"{c1['seed_loop_images_per_s'] / ceil:.2f}x | {c1['seed_loop_gpu_util']} |",
+        f"| two lmdeploy processes at once, one per GPU | {pair_sum:.1f} "
+        f"({' + '.join(f'{x:.1f}' for x in pair_rates)}) | {pair_sum / ceil:.2f}x one | "
+        f"{pair[0]['ceiling_gpu_util']} |",
+    ]
+    j1 = r["job_1gpu"]["steady_images_per_s"]
+    for name in ("job_1gpu", "job_2gpu", "job_autoscale_1to2"):
+        j = r[name]
+        gpus = 1 if name == "job_1gpu" else 2
+        lines.append(
+            f"| {name}: steady | {j['steady_images_per_s']:.1f} | "
+            f"{j['steady_images_per_s'] / (gpus * ceil):.2f}x of {gpus} x ceiling"
+            + (f", {j['steady_images_per_s'] / j1:.2f}x job_1gpu" if gpus == 2 else "")
+            + f" | {j['gpu_util']} |"
+        )
+        lines.append(
+            f"| {name}: end to end ({j['images']} images, first commit at {j['first_commit_s']:.1f} s) | "
+            f"{j['end_to_end_images_per_s']:.1f} | {j['end_to_end_images_per_s'] / (gpus * ceil):.2f}x of "
+            f"{gpus} x ceiling | |"
+        )
+    lines += ["", "Engine actor timings (last log lines of each job):", ""]
+    for name in ("job_1gpu", "job_2gpu", "job_autoscale_1to2"):
+        for ln in r[name]["actor_timings_last"]:
+            lines.append(f"- {name}: {ln}")
+    lines += ["", "Raw results:", "", "```json", json.dumps(r, indent=1), "```"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=20480)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--seed-loop", type=int, default=2048, help="images for the seed-loop measurement")
+    ap.add_argument("--work", default="/tmp/omnilmm-bench")
+    ap.add_argument("--part", choices=["ceilings", "jobs"])
+    ap.add_argument("--out")
+    ap.add_argument("--report", nargs="+")
+    ap.add_argument("--side", choices=["ceiling"], help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.report:
+        print(report(args.report))
+        return
+    work = Path(args.work)
+    if args.side == "ceiling":
+        print(json.dumps(ceiling(args.model, str(work / "shards"), args.tokens, args.seed_loop)))
+        return
+    import lmdeploy
+    import ray
+    import torch
+
+    from omnilmm_ray.testing.tiny_vlm import QWEN2_VL_2B, build
+
+    model_dir = work / "Qwen2-VL-2B-shapes"
+    model = str(model_dir if (model_dir / "config.json").exists() else build(model_dir, shapes=QWEN2_VL_2B))
+    shards = make_shards(work / "shards", args.images)
+    res = run_ceilings(args, model, shards) if args.part == "ceilings" else run_jobs(args, model, shards)
+    res["meta"] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "gpu": torch.cuda.get_device_name(0),
+        "gpus": torch.cuda.device_count(),
+        "cpus": os.cpu_count(),
+        "lmdeploy": lmdeploy.__version__,
+        "ray": ray.__version__,
+        "torch": torch.__version__,
+        "images": args.images,
+        "tokens": args.tokens,
+        "batch": args.batch,
+        "commands": "`python bench/gpu_scale.py --part ceilings --out C.json`, `... --part jobs --out J.json`, "
+        "`... --report C.json J.json`",
+    }
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The model's image processor, run on the CPU workers: pixels -> the exact patch tensor the engine wants.
+
+lmdeploy runs a VLM's Hugging Face image processor inside the engine process, on one thread, for every
+request; with TurboMind it also hashes each image's float32 patches on the engine's event-loop thread. At
+a few hundred images/s per GPU that Python work competes with the loop that feeds the GPU (measured:
+bench/results/engine-profile-*.json). For the Qwen2-VL family the processor is simple and fully described
+by its `preprocessor_config.json`, so the CPU workers compute it here, bit-exact in layout and within
+bfloat16 rounding in value, and the engine actor hands the result to lmdeploy untouched
+(engines/lmdeploy_engine.py). Other architectures keep lmdeploy's own processor.
+
+Pure numpy: no torch or transformers on the CPU workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from omnilmm_ray.preprocess import smart_resize
+
+log = logging.getLogger(__name__)
+
+# Architectures whose TurboMind path takes Qwen2-VL-style patches (lmdeploy 0.18 `vl/model/qwen2.py`).
+QWEN2_VL_ARCHS = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """What the CPU workers need to reproduce the model's image processor."""
+
+    arch: str
+    min_pixels: int
+    max_pixels: int
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, ...] = OPENAI_CLIP_STD
+    rescale_factor: float = 1 / 255
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    @property
+    def patch_dim(self) -> int:
+        return 3 * self.temporal_patch_size * self.patch_size**2
+
+    def target_size(self, w: int, h: int) -> tuple[int, int]:
+        return smart_resize(w, h, self.factor, self.min_pixels, self.max_pixels)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def spec_from_files(config: dict, processor: dict) -> VisionSpec | None:
+    """The model's config.json and preprocessor_config.json -> a spec, or None when this module does not
+    know its processor (the engine then runs the model's own)."""
+    arch = (config.get("architectures") or [""])[0]
+    if arch not in QWEN2_VL_ARCHS:
+        return None
+    size = processor.get("size") or {}
+    min_pixels = processor.get("min_pixels") or size.get("shortest_edge")
+    max_pixels = processor.get("max_pixels") or size.get("longest_edge")
+    if not (min_pixels and max_pixels):
+        return None
+    if not all(processor.get(k, True) for k in ("do_resize", "do_rescale", "do_normalize")):
+        return None  # a processor configured differently from the one reproduced here
+    return VisionSpec(
+        arch=arch,
+        min_pixels=int(min_pixels),
+        max_pixels=int(max_pixels),
+        patch_size=int(processor.get("patch_size", 14)),
+        merge_size=int(processor.get("merge_size", 2)),
+        temporal_patch_size=int(processor.get("temporal_patch_size", 2)),
+        image_mean=tuple(processor.get("image_mean", OPENAI_CLIP_MEAN)),
+        image_std=tuple(processor.get("image_std", OPENAI_CLIP_STD)),
+        rescale_factor=float(processor.get("rescale_factor", 1 / 255)),
+    )
+
+
+def load_spec(model: str) -> VisionSpec | None:
+    """Read the model's processor settings from a local folder (or any fsspec URI); None when they cannot be
+    read here (a hub id on a driver without the files): the engine then runs the model's own processor."""
+    from omnilmm_ray.storage import join, read_json, resolve
+
+    try:
+        fs, path = resolve(model)
+        config = read_json(fs, join(path, "config.json"))
+        processor = read_json(fs, join(path, "preprocessor_config.json"))
+    except Exception as e:  # a hub id, no credentials: fall back to the engine's processor
+        log.info("vision: cannot read %s's processor config here (%s); the engine runs it", model, e)
+        return None
+    if not config or not processor:
+        return None
+    return spec_from_files(config, processor)
+
+
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even like torch's `.to(bfloat16)`."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+
+
+def patches(im: Image.Image, spec: VisionSpec) -> tuple[bytes, int, int]:
+    """An RGB image already at `spec.target_size` -> (bfloat16 patch bytes, grid_h, grid_w).
+
+    Same steps as transformers' Qwen2VLImageProcessor: rescale, normalise, repeat the frame to fill the
+    temporal patch, then lay out patches merge-group by merge-group; rows are patches of `patch_dim` values.
+    """
+    w, h = im.size
+    if w % spec.factor or h % spec.factor:
+        raise ValueError(f"{w}x{h} is not a multiple of {spec.factor}; resize to spec.target_size first")
+    x = (np.asarray(im, dtype=np.float64) * spec.rescale_factor).astype(np.float32)
+    x = (x - np.asarray(spec.image_mean, np.float32)) / np.asarray(spec.image_std, np.float32)
+    x = x.transpose(2, 0, 1)  # C, H, W
+    p, m, t = spec.patch_size, spec.merge_size, spec.temporal_patch_size
+    gh, gw = h // p, w // p
+    x = np.broadcast_to(x[None], (t, 3, h, w))  # one frame repeated to the temporal patch size
+    x = x.reshape(1, t, 3, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return _bf16_bits(x.reshape(gh * gw, spec.patch_dim)).tobytes(), gh, gw
