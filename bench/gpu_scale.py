@@ -180,6 +180,9 @@ def _commit_times(out: Path) -> list[tuple[float, int]]:
 
 
 def job(model: str, shards: Path, out: Path, tokens: int, gpus: int, min_actors: int, batch: int) -> dict:
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
     cfg = {
         "engine": {"backend": "turbomind", "model": model, "session_len": 2048, "cache_max_entry_count": 0.5},
         "generation": {"max_new_tokens": tokens, "min_new_tokens": tokens},
@@ -201,6 +204,8 @@ def job(model: str, shards: Path, out: Path, tokens: int, gpus: int, min_actors:
         t1 = time.time()
     (out.parent / f"{out.name}.log").write_text(r.stderr)
     assert r.returncode == 0, r.stderr[-3000:]
+    run = sorted(out.glob("run=*"))[-1]
+    rows = pads.dataset(str(run), format="parquet").to_table(columns=["error", "output_tokens"])
     commits = _commit_times(out)
     n = sum(c for _, c in commits)
     lo, hi = commits[len(commits) // 10], commits[len(commits) * 9 // 10]
@@ -214,6 +219,8 @@ def job(model: str, shards: Path, out: Path, tokens: int, gpus: int, min_actors:
         "wall_s": t1 - t0,
         "gpu_util": gpu.mean(),
         "actor_timings_last": actor_lines[-2:],
+        "error_rows": rows.num_rows - rows.column("error").null_count,
+        "output_tokens": pc.sum(rows.column("output_tokens")).as_py(),
     }
 
 

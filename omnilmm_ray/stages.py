@@ -42,7 +42,7 @@ class StageTimer:
     """Where an engine actor's time goes, per thread of calls: waiting for a batch, converting it, in the
     engine, building the output. Logged every `every_s` so the next bottleneck shows without a profiler."""
 
-    def __init__(self, every_s: float = 30.0):
+    def __init__(self, every_s: float = 15.0):
         self.every_s = every_s
         self.totals: dict[str, float] = {"wait": 0.0, "convert": 0.0, "engine": 0.0, "return": 0.0}
         self.images = self.batches = 0
@@ -111,6 +111,12 @@ class CaptionStage:
         self.engine = make_engine(cfg.engine, cfg.generation, crash_marker=join(run_uri, "_drill_crashed"))
         self.flight = FlightRecorder(run_uri, cfg.sink.storage_options)
         self.timer = StageTimer()
+        pkg = logging.getLogger("omnilmm_ray")
+        if not pkg.handlers:  # Ray workers leave the root logger at WARNING: show this actor's INFO lines
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            pkg.addHandler(handler)
+            pkg.setLevel(logging.INFO)
 
     def _image(self, r: dict, pixels, pw: int, ph: int) -> Image.Image | Prepared:
         if self.vision is None:
