@@ -275,7 +275,8 @@ def report(paths: list[str]) -> str:
             + f" | {j['gpu_util']} |"
         )
         lines.append(
-            f"| {name}: end to end ({j['images']} images, first commit at {j['first_commit_s']:.1f} s) | "
+            f"| {name}: end to end ({j['images']} images, {j['error_rows']} error rows, {j['output_tokens']} "
+            f"output tokens, first commit at {j['first_commit_s']:.1f} s) | "
             f"{j['end_to_end_images_per_s']:.1f} | {j['end_to_end_images_per_s'] / (gpus * ceil):.2f}x of "
             f"{gpus} x ceiling | |"
         )
