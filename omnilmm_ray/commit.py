@@ -225,10 +225,13 @@ def reopen_failed_shards(
             continue
         f = shard_file(path, s.shard_id)
         with fs.open(f, "rb") as fh:
-            t = pq.read_table(fh).cast(schema.OUTPUT_SCHEMA)
+            pf = pq.ParquetFile(fh)
+            if not pc.any(
+                pc.is_in(pf.read(columns=["error_kind"]).column(0), pa.array(sorted(kinds)))
+            ).as_py():
+                continue
+            t = pf.read().cast(schema.OUTPUT_SCHEMA)
         bad = pc.is_in(t.column("error_kind"), pa.array(sorted(kinds)))
-        if not pc.any(bad).as_py():
-            continue
         good = t.filter(pc.invert(pc.fill_null(bad, False)))
         if len(good):
             part = join(path, f"{s.shard_id}{PART}00000.parquet")

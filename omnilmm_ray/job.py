@@ -155,11 +155,10 @@ def run_job(cfg: JobConfig, dry_run: bool = False) -> dict:
         kill_point("plan")
         progress = load_progress(run.uri, cfg.sink.storage_options)
         remove_files(table.fs, progress.orphans)
-        if run.resumed and read_json(table.fs, join(run.uri, "_summary.json")):
-            # The run failed its error budget (or died sealing): read shards that failed midway again.
-            reopen_failed_shards(
-                run.uri, run.shards, cfg.sink.retry_kinds(), progress, cfg.sink.storage_options
-            )
+        ended = read_json(table.fs, join(run.uri, "_summary.json")) if run.resumed else None
+        failed_kinds = cfg.sink.retry_kinds() & SHARD_KINDS & set((ended or {}).get("errors_by_kind", {}))
+        if failed_kinds:  # the run failed its error budget: read the shards that failed midway again
+            reopen_failed_shards(run.uri, run.shards, failed_kinds, progress, cfg.sink.storage_options)
         todo = [s for s in run.shards if s.shard_id not in progress.complete]
         log.info(
             "run %s (%s): %d shards, %d already committed",
