@@ -31,6 +31,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--fake-delay", type=float, help="fake engine: seconds per batch")
     p.add_argument("--max-error-rate", type=float)
+    p.add_argument("--max-failed-shards", type=int, help="shards that could not be read whole before exit 3")
+    p.add_argument(
+        "--retry-errors",
+        nargs="?",
+        const="retryable",
+        metavar="KINDS",
+        help="read again rows whose newest state is an error of these kinds (comma list, or none); no value: "
+        "every retryable kind (the default)",
+    )
     p.add_argument("--dry-run", action="store_true", help="list what would run and run nothing")
     p.add_argument("--print-config", action="store_true", help="print the JSON schema of the config and exit")
     return p.parse_args(argv)

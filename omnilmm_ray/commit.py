@@ -69,7 +69,9 @@ class _Pending:
     tables: list[pa.Table] = field(default_factory=list)  # rows not yet in any file
     seen: set[int] = field(default_factory=set)
     parts: list[str] = field(default_factory=list)
-    expected: int | None = None
+    rows: int | None = None  # from the end marker: samples the reader passed
+    failed: str | None = None  # from the end marker: the kind of a shard-level error row
+    expected: list[int] | None = None
     skipped: int = 0
 
 
@@ -104,8 +106,9 @@ class ShardCommitter:
                 self.duplicates_dropped += len(mine) - pc.sum(mine_ends).as_py()
                 continue
             p = self.pending.setdefault(sid, _Pending())
-            for r in mine.filter(mine_ends).select(["shard_rows", "shard_skipped"]).to_pylist():
-                p.expected, p.skipped = r["shard_rows"], r["shard_skipped"] or 0
+            for r in mine.filter(mine_ends).select(["shard_rows", "shard_skipped", "error_kind"]).to_pylist():
+                p.rows, p.skipped, p.failed = r["shard_rows"], r["shard_skipped"] or 0, r["error_kind"]
+                p.expected = self.shards[sid].expected(p.rows, p.failed is not None)
             rows = mine.filter(pc.invert(mine_ends))
             fresh = [i not in p.seen for i in rows.column("sample_index").to_pylist()]
             if not all(fresh):
@@ -114,7 +117,7 @@ class ShardCommitter:
             p.seen.update(rows.column("sample_index").to_pylist())
             if len(rows):
                 p.tables.append(rows)
-            if p.expected is not None and len(p.seen) >= p.expected:
+            if p.expected is not None and len(p.seen) >= len(p.expected):
                 self._commit(sid, p)
             elif sum(len(t) for t in p.tables) >= self.commit_rows:
                 self._write_part(sid, p)
@@ -138,21 +141,22 @@ class ShardCommitter:
             with self.fs.open(part, "rb") as f:
                 written.append(pq.read_table(f).cast(schema.OUTPUT_SCHEMA))
         t = pa.concat_tables([*written, self._rows(p.tables)]).sort_by("sample_index")
-        if t.column("sample_index").to_pylist() != list(range(p.expected)):
+        if t.column("sample_index").to_pylist() != p.expected:
             raise RuntimeError(
-                f"shard {shard.uri}: rows do not number 0..{p.expected - 1}; refusing to commit"
+                f"shard {shard.uri}: rows are not {_describe(shard, p.rows)}; refusing to commit"
             )
         meta = {
             b"omnilmm.shard_uri": shard.uri.encode(),
-            b"omnilmm.shard_rows": str(p.expected).encode(),
+            b"omnilmm.shard_rows": str(p.rows).encode(),
             b"omnilmm.shard_skipped": str(p.skipped).encode(),
+            b"omnilmm.shard_failed": (p.failed or "").encode(),
         }
         t = t.replace_schema_metadata({**(t.schema.metadata or {}), **meta})
         write_parquet_atomic(self.fs, shard_file(self.run_path, sid), t)
         remove_files(self.fs, p.parts)  # a crash before this leaves orphans that load_progress reports
         del self.pending[sid]
         self.committed.add(sid)
-        log.info("committed shard %s (%d rows)", shard.uri, p.expected)
+        log.info("committed shard %s (%d rows)", shard.uri, len(p.expected))
         kill_point(f"commit:{len(self.committed)}")
 
     def uncommitted(self) -> list[str]:
@@ -167,9 +171,14 @@ def remove_files(fs, paths: list[str]) -> None:
             pass
 
 
+def _describe(shard: Shard, rows: int) -> str:
+    return f"0..{rows - 1} exactly once" if shard.retry is None else f"the retried rows of 0..{rows - 1} once"
+
+
 def verify_run(run_uri: str, shards: list[Shard], storage_options: dict | None = None) -> pa.Table:
-    """Check that every planned shard is committed with rows 0..n-1 exactly once; return the run's rows
-    (the columns the summary needs). Raises RuntimeError naming the first shard that is wrong."""
+    """Check that every planned shard is committed with rows 0..n-1 exactly once (a retried shard: exactly
+    the indices its plan wants, and its shard-level error row); return the run's rows (the columns the
+    summary needs). Raises RuntimeError naming the first shard that is wrong."""
     fs, path = resolve(run_uri, storage_options)
     cols = ["source", "key", "sample_index", "error_kind", "cached", "input_tokens", "output_tokens"]
     parts, skipped = [], 0
@@ -184,10 +193,53 @@ def verify_run(run_uri: str, shards: list[Shard], storage_options: dict | None =
             raise RuntimeError(f"shard {s.uri} has no committed file {f}") from None
         n = int(md[b"omnilmm.shard_rows"])
         skipped += int(md.get(b"omnilmm.shard_skipped", b"0"))
-        if sorted(t.column("sample_index").to_pylist()) != list(range(n)):
-            raise RuntimeError(
-                f"shard {s.uri}: committed file {f} does not hold rows 0..{n - 1} exactly once"
-            )
+        if sorted(t.column("sample_index").to_pylist()) != s.expected(
+            n, bool(md.get(b"omnilmm.shard_failed"))
+        ):
+            raise RuntimeError(f"shard {s.uri}: committed file {f} does not hold rows {_describe(s, n)}")
         parts.append(t)
     t = pa.concat_tables(parts) if parts else schema.OUTPUT_SCHEMA.empty_table().select(cols)
     return t.replace_schema_metadata({b"skipped": str(skipped).encode()})
+
+
+def reopen_failed_shards(
+    run_uri: str,
+    shards: list[Shard],
+    kinds: set[str],
+    progress: Progress,
+    storage_options: dict | None = None,
+) -> list[str]:
+    """Turn committed shards of an unsealed run that end in a shard-level error of `kinds` back into
+    partial shards: their good rows become a part file, their file is removed, so this attempt reads them
+    again from the failed sample on. Returns the shard ids reopened.
+
+    Called when a run that failed its error budget is resumed (the rerun after an outage or a fix); a crash
+    between the part's write and the file's removal leaves the part as an orphan of a complete shard, which
+    the next attempt removes before reopening the shard again.
+    """
+    fs, path = resolve(run_uri, storage_options)
+    kinds = kinds & schema.SHARD_KINDS
+    reopened = []
+    for s in shards:
+        if s.shard_id not in progress.complete or not kinds:
+            continue
+        f = shard_file(path, s.shard_id)
+        with fs.open(f, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            if not pc.any(
+                pc.is_in(pf.read(columns=["error_kind"]).column(0), pa.array(sorted(kinds)))
+            ).as_py():
+                continue
+            t = pf.read().cast(schema.OUTPUT_SCHEMA)
+        bad = pc.is_in(t.column("error_kind"), pa.array(sorted(kinds)))
+        good = t.filter(pc.invert(pc.fill_null(bad, False)))
+        if len(good):
+            part = join(path, f"{s.shard_id}{PART}00000.parquet")
+            write_parquet_atomic(fs, part, good)
+            progress.parts[s.shard_id] = [part]
+            progress.done_indices[s.shard_id] = set(good.column("sample_index").to_pylist())
+        fs.rm_file(f)
+        progress.complete.discard(s.shard_id)
+        reopened.append(s.shard_id)
+        log.info("shard %s ended in a shard-level error; reading it again from there", s.uri)
+    return reopened

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from omnilmm_ray.schema import ERROR_KINDS, RETRYABLE_KINDS
 
 DEFAULT_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
 DEFAULT_PROMPT = "Describe this image in one detailed sentence."
@@ -164,7 +166,22 @@ class OutputConfig(_Strict):
         1.0,
         ge=0,
         le=1,
-        description="Fail the run (after committing) when more than this share of rows are errors.",
+        description="Fail the run (after committing) when more than this share of rows are errors. Bad images "
+        "are data, so by default only max_failed_shards fails a run.",
+    )
+    max_failed_shards: int = Field(
+        0,
+        ge=0,
+        description="Fail the run (after committing) when more shards than this could not be read to their end "
+        "(shard_unreadable / shard_truncated rows): one such row may stand for thousands of images. Rerunning "
+        "the same command reads those shards again from where they failed.",
+    )
+    retry_errors: list[str] | Literal["retryable"] = Field(
+        "retryable",
+        description="A new run reads again the rows whose newest state in earlier runs is an error of these "
+        "kinds, and only those rows: 'retryable' (every kind schema.RETRYABLE_KINDS lists: unreadable or "
+        "truncated shards, missing files, engine errors and crashes), a list of kinds (permanent ones too, "
+        "e.g. decode_error after a decoder fix), or [] for none.",
     )
     reuse_captions: bool = Field(
         True,
@@ -180,6 +197,26 @@ class OutputConfig(_Strict):
     lock_ttl_s: float = Field(
         120.0, gt=0, description="A run's lease on the output expires this long after its last heartbeat."
     )
+
+    @field_validator("retry_errors", mode="before")
+    @classmethod
+    def _kinds(cls, v: Any) -> Any:
+        if isinstance(v, str) and v not in ("retryable", "none"):
+            v = v.split(",")
+        if v == "none" or v is None:
+            return []
+        if isinstance(v, list):
+            if "retryable" in v:
+                return "retryable"
+            unknown = sorted(set(v) - ERROR_KINDS)
+            if unknown:
+                raise ValueError(
+                    f"unknown error kind(s) {unknown}; known: {sorted(ERROR_KINDS)} or 'retryable'"
+                )
+        return v
+
+    def retry_kinds(self) -> set[str]:
+        return set(RETRYABLE_KINDS) if self.retry_errors == "retryable" else set(self.retry_errors)
 
 
 class JobConfig(_Strict):
@@ -213,6 +250,8 @@ CLI_FIELDS = {
     "max_new_tokens": "generation.max_new_tokens",
     "fake_delay": "engine.fake_delay_s",
     "max_error_rate": "sink.max_error_rate",
+    "max_failed_shards": "sink.max_failed_shards",
+    "retry_errors": "sink.retry_errors",
 }
 
 

@@ -12,11 +12,12 @@ from collections import Counter, defaultdict
 
 import pyarrow as pa
 
-from omnilmm_ray.commit import ShardCommitter, load_progress, remove_files, verify_run
+from omnilmm_ray.commit import ShardCommitter, load_progress, remove_files, reopen_failed_shards, verify_run
 from omnilmm_ray.config import ConfigError, JobConfig
 from omnilmm_ray.faults import kill_point
 from omnilmm_ray.lease import Lease
-from omnilmm_ray.storage import join, write_bytes_atomic, write_json
+from omnilmm_ray.schema import SHARD_KINDS
+from omnilmm_ray.storage import join, read_json, write_bytes_atomic, write_json
 from omnilmm_ray.table import OutputTable, Run
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ def describe(cfg: JobConfig, run: Run) -> dict:
         "run": run.run_id,
         "mode": "resume" if run.resumed else "new run",
         "shards": len(run.shards),
+        "retried_shards": sum(1 for s in run.shards if s.retry),
         "by_format": dict(by_format),
         "input_bytes": sum(s.size for s in run.shards),
         "examples": [s.uri for s in run.shards[:5]],
@@ -140,6 +142,7 @@ def summarize(cfg: JobConfig, run: Run, rows: pa.Table, attempt: dict) -> dict:
             "skipped_without_image": int(rows.schema.metadata[b"skipped"]),
         },
         "error_rate": errors / n if n else 0.0,
+        "failed_shards": sum(c for k, c in counts.items() if k in SHARD_KINDS),
         "errors_by_kind": {k: {"count": c, "examples": examples[k]} for k, c in counts.most_common()},
         "tokens": {
             "input": pa.compute.sum(rows.column("input_tokens")).as_py() or 0,
@@ -164,6 +167,10 @@ def run_job(cfg: JobConfig, dry_run: bool = False) -> dict:
         kill_point("plan")
         progress = load_progress(run.uri, cfg.sink.storage_options)
         remove_files(table.fs, progress.orphans)
+        ended = read_json(table.fs, join(run.uri, "_summary.json")) if run.resumed else None
+        failed_kinds = cfg.sink.retry_kinds() & SHARD_KINDS & set((ended or {}).get("errors_by_kind", {}))
+        if failed_kinds:  # the run failed its error budget: read the shards that failed midway again
+            reopen_failed_shards(run.uri, run.shards, failed_kinds, progress, cfg.sink.storage_options)
         todo = [s for s in run.shards if s.shard_id not in progress.complete]
         log.info(
             "run %s (%s): %d shards, %d already committed",
@@ -201,7 +208,10 @@ def run_job(cfg: JobConfig, dry_run: bool = False) -> dict:
             "backend": backend,
         }
         summary = summarize(cfg, run, rows, attempt)
-        over = summary["error_rate"] > cfg.sink.max_error_rate
+        over = (
+            summary["error_rate"] > cfg.sink.max_error_rate
+            or summary["failed_shards"] > cfg.sink.max_failed_shards
+        )
         if over:
             summary["status"] = "failed: error budget exceeded"
         fs, path = table.fs, join(table.path, f"run={run.run_id}")
@@ -209,9 +219,11 @@ def run_job(cfg: JobConfig, dry_run: bool = False) -> dict:
         kill_point("seal")
         if over:
             raise ErrorBudgetExceeded(
-                f"{summary['error_rate']:.1%} of rows are errors, above sink.max_error_rate="
-                f"{cfg.sink.max_error_rate}; rows are committed in {run.uri} but the run is not sealed; top "
-                f"errors: {dict(list(summary['errors_by_kind'].items())[:3])}"
+                f"{summary['error_rate']:.1%} of rows are errors (sink.max_error_rate={cfg.sink.max_error_rate}), "
+                f"{summary['failed_shards']} shard(s) could not be read to their end (sink.max_failed_shards="
+                f"{cfg.sink.max_failed_shards}); rows are committed in {run.uri} but the run is not sealed: rerun "
+                "to read failed shards again, or raise the budget to seal it as it is; top errors: "
+                f"{dict(list(summary['errors_by_kind'].items())[:3])}"
             )
         write_bytes_atomic(fs, join(path, "_SUCCESS"), b"")
         return summary

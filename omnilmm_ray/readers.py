@@ -33,6 +33,40 @@ def _wds_key(name: str) -> tuple[str, str]:
     return posixpath.join(d, stem), ext.lower()
 
 
+class ShardTruncated(Exception):
+    """The shard's bytes end before its format says they should: an upload or copy cut short."""
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """Python's stream reader ends an archive quietly where a member header is missing, cut or corrupt, so a
+    tar cut at a member boundary would read as a complete, shorter one. A tar is complete only when it ends
+    with its end-of-archive marker: two zero blocks (writers may pad further with zeros)."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        at = tar.fileobj.tell()
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            second = tar.fileobj.read(tarfile.BLOCKSIZE)
+            if len(second) < tarfile.BLOCKSIZE:
+                raise ShardTruncated(
+                    f"the tar ends at byte {tar.fileobj.tell()}, inside its end-of-archive marker at byte {at}"
+                ) from None
+            if second.count(0) != tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"a lone zero block at byte {at}, followed by data") from None
+            raise
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):
+            raise ShardTruncated(
+                f"the tar ends at byte {tar.fileobj.tell()}, where a member header or the end-of-archive "
+                f"marker should start (byte {at})"
+            ) from None
+        except tarfile.InvalidHeaderError as e:
+            if at == 0:  # not a tar at all: tarfile says so
+                raise
+            raise tarfile.ReadError(f"invalid member header at byte {at}: {e}") from None
+
+
 def _tar_samples(f, stats: dict) -> Iterator[dict]:
     """Consecutive members sharing a key form one sample (img2dataset's layout)."""
     key, parts = None, {}
@@ -40,9 +74,10 @@ def _tar_samples(f, stats: dict) -> Iterator[dict]:
     def flush():
         img_ext = next((e for e in parts if e.rpartition(".")[2] in IMAGE_EXTS), None)
         if img_ext is None:
-            stats["skipped"] += 1
+            stats["skipped_at"].append(stats["samples"])
             return None
         meta = parts.get("json")
+        stats["samples"] += 1
         return {
             "key": key,
             "image": parts[img_ext],
@@ -50,20 +85,38 @@ def _tar_samples(f, stats: dict) -> Iterator[dict]:
             "text": parts["txt"].decode("utf-8", "replace") if "txt" in parts else None,
         }
 
-    with tarfile.open(fileobj=f, mode="r|*") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            k, ext = _wds_key(m.name)
-            if k != key and parts:
-                if (s := flush()) is not None:
-                    yield s
-                parts = {}
-            key = k
-            data = tar.extractfile(m).read()
-            if len(data) != m.size:  # stream mode returns short reads silently at a cut-off end of file
-                raise tarfile.ReadError(f"unexpected end of data in {m.name} ({len(data)} of {m.size} bytes)")
-            parts[ext] = data
+    with tarfile.open(fileobj=f, mode="r|*", tarinfo=_CheckedTarInfo) as tar:
+        try:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                k, ext = _wds_key(m.name)
+                if k != key and parts:
+                    if (s := flush()) is not None:
+                        yield s
+                    parts = {}
+                key = k
+                pad = -m.size % tarfile.BLOCKSIZE
+                try:
+                    data = tar.extractfile(m).read()
+                    # The padding to the next block is read here so that a cut inside it is seen too.
+                    pad -= len(tar.fileobj.read(pad))
+                except tarfile.ReadError:  # a cut inside the data (stream mode may also return it short)
+                    data = b""
+                end = tar.fileobj.tell()
+                if len(data) != m.size:
+                    raise ShardTruncated(
+                        f"the tar ends at byte {end}, inside member {m.name} "
+                        f"({min(end - m.offset_data, m.size)} of {m.size} bytes)"
+                    )
+                parts[ext] = data
+                if pad:
+                    raise ShardTruncated(f"the tar ends at byte {end}, in the padding after member {m.name}")
+        except (ShardTruncated, tarfile.ReadError):
+            # The members of the last key were read whole; its sidecars may be missing, its image is not.
+            if parts and (s := flush()) is not None:
+                yield s
+            raise
     if parts and (s := flush()) is not None:
         yield s
 
@@ -83,7 +136,9 @@ def _parquet_samples(f, cfg: InputConfig, uri: str) -> Iterator[dict]:
     pf = pq.ParquetFile(f)
     col = _image_column(pf, cfg, uri)
     i = 0
-    for batch in pf.iter_batches(batch_size=256):
+    # One row group at a time: a batch spanning row groups would lose the rows read before a corrupt one.
+    batches = (b for g in range(pf.num_row_groups) for b in pf.iter_batches(batch_size=256, row_groups=[g]))
+    for batch in batches:
         rows = batch.to_pylist()
         for r in rows:
             img = r.pop(col)
@@ -143,51 +198,63 @@ def read_shard(
 ) -> Iterator[pa.Table]:
     """Yield SAMPLE_SCHEMA blocks for one shard, then its end marker.
 
-    `skip`: sample indices already committed by an earlier attempt (counted, not emitted). A transient read
-    error restarts the shard and skips the samples already passed; a shard that stays unreadable ends with
-    one `shard_unreadable` error row (or raises, if input.on_unreadable_shard=fail).
+    `skip`: sample indices already committed by an earlier attempt (counted, not emitted); `shard.retry`:
+    only those indices are emitted, and reading stops after the last one. A transient read error restarts
+    the shard and skips the samples already passed; a shard that stays unreadable or is cut short ends with
+    one `shard_unreadable` / `shard_truncated` error row, always emitted, whose kind the end marker repeats
+    (or raises, if input.on_unreadable_shard=fail).
     """
     n, rows = 0, []  # n: samples passed so far, emitted or skipped
+    stop = shard.retry.last() if shard.retry else None
+    failed = None
 
     def emit(row: dict) -> None:
         if row["sample_index"] not in skip:
             rows.append({"source": shard.uri, "shard_id": shard.shard_id, **row})
 
     for attempt in range(cfg.read_attempts):
-        stats = {"skipped": 0}
+        stats = {"samples": 0, "skipped_at": []}
         try:
             for i, s in enumerate(_samples(shard, cfg, stats)):
+                if stop is not None and i > stop:
+                    break
                 if i < n:
                     continue
                 if s.get("image") is None and "error" not in s:
                     s.update(schema.error("missing_image", "null image bytes"))
-                emit({"sample_index": i, **s})
+                if shard.wants(i):
+                    emit({"sample_index": i, **s})
                 n += 1
                 if len(rows) >= BLOCK_ROWS:
                     yield schema.table(rows, schema.SAMPLE_SCHEMA)
                     rows = []
             break
-        except (OSError, EOFError, tarfile.TarError, pa.ArrowException, ValueError) as e:
+        except (OSError, EOFError, tarfile.TarError, pa.ArrowException, ValueError, ShardTruncated) as e:
             permanent = isinstance(
-                e, (FileNotFoundError, PermissionError, ValueError, tarfile.ReadError, EOFError)
+                e,
+                (FileNotFoundError, PermissionError, ValueError, tarfile.ReadError, EOFError, ShardTruncated),
             )
             if permanent or attempt == cfg.read_attempts - 1:
+                failed = "shard_truncated" if isinstance(e, ShardTruncated) else "shard_unreadable"
                 if cfg.on_unreadable_shard == "fail":
-                    raise RuntimeError(f"shard {shard.uri} unreadable: {e}") from e
-                log.warning("shard %s unreadable after %d samples: %s", shard.uri, n, e)
+                    raise RuntimeError(f"shard {shard.uri} {failed[6:]}: {e}") from e
+                log.warning("shard %s %s after %d samples: %s", shard.uri, failed[6:], n, e)
                 reason = f"after {n} samples: {type(e).__name__}: {e}"
-                emit({"sample_index": n, **schema.error("shard_unreadable", reason)})
+                emit({"sample_index": n, **schema.error(failed, reason)})
                 n += 1
                 break
             log.warning("shard %s: transient read error (%s), retry %d", shard.uri, e, attempt + 1)
             time.sleep(0.5 * 2**attempt)
+    # Samples without an image have no index; under a retry only those past `start` are new to the output.
+    first_new = 0 if shard.retry is None else shard.retry.start
     rows.append(
         {
             "source": shard.uri,
             "shard_id": shard.shard_id,
             "sample_index": -1,
             "shard_rows": n,
-            "shard_skipped": stats["skipped"],
+            "shard_skipped": sum(1 for p in stats["skipped_at"] if first_new is not None and p >= first_new),
+            "error_kind": failed,
         }
     )
     yield schema.table(rows, schema.SAMPLE_SCHEMA)

@@ -60,7 +60,35 @@ def is_end(t: pa.Table) -> list[bool]:
     return [v is not None for v in t.column("shard_rows").to_pylist()]
 
 
+# Every error kind, classified once. A later run reads again the rows whose newest state is a retryable error
+# (sink.retry_errors); permanent errors describe the bytes themselves, which the same file will give again.
+RETRYABLE_KINDS = frozenset(
+    {
+        "shard_unreadable",  # storage outage, missing credentials, a Parquet image column set wrong
+        "shard_truncated",  # an upload or copy still in progress or interrupted; a complete file reads fine
+        "missing_file",  # a loose file listed but gone when read: back on a later listing, or never planned
+        "engine_error",  # the engine answered with an error for this request (overload, timeout)
+        "engine_crash",  # the engine died with this image alone; may be an outage rather than the image
+    }
+)
+PERMANENT_KINDS = frozenset(
+    {
+        "not_an_image",
+        "decode_error",
+        "too_many_pixels",
+        "empty_image",
+        "missing_image",  # null bytes in a Parquet row
+        "empty_caption",  # greedy decoding gives the same empty text again
+    }
+)
+ERROR_KINDS = RETRYABLE_KINDS | PERMANENT_KINDS
+# Rows that stand for the rest of a shard: reading stopped there, so how many samples follow is unknown.
+SHARD_KINDS = frozenset({"shard_unreadable", "shard_truncated"})
+
+
 def error(kind: str, reason: str) -> dict:
     """The two error columns of a failed row."""
+    if kind not in ERROR_KINDS:
+        raise ValueError(f"unknown error kind {kind!r}: declare it in schema.py")
     reason = " ".join(str(reason).split())[:300]
     return {"error": f"{kind}: {reason}", "error_kind": kind}

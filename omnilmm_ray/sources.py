@@ -19,6 +19,27 @@ SIDECAR_EXTS = {"json", "txt"}
 
 
 @dataclass(frozen=True)
+class Retry:
+    """The part of a shard a later run reads again: these sample indices, and every index from `start` on.
+
+    `start` comes from a shard-level failure (reading stopped there, so how many samples follow is unknown).
+    """
+
+    indices: frozenset[int] = frozenset()
+    start: int | None = None
+
+    def wants(self, i: int) -> bool:
+        return i in self.indices or (self.start is not None and i >= self.start)
+
+    def last(self) -> int | None:
+        """The last index wanted, or None when all from `start` on are."""
+        return None if self.start is not None else max(self.indices, default=-1)
+
+    def to_dict(self) -> dict:
+        return {"indices": sorted(self.indices), "start": self.start}
+
+
+@dataclass(frozen=True)
 class Shard:
     shard_id: str
     format: str  # "tar" | "parquet" | "files"
@@ -26,13 +47,25 @@ class Shard:
     members: tuple[str, ...] = ()  # "files" only: keys (paths relative to `uri`)
     fingerprints: dict[str, str] = field(default_factory=dict)  # file URI -> fingerprint
     size: int = 0
+    retry: Retry | None = None  # None: the whole shard; else only the rows an earlier run left failed
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "members": list(self.members)}
+        d = {**asdict(self), "members": list(self.members)}
+        return {**d, "retry": self.retry.to_dict() if self.retry else None}
 
     @classmethod
     def from_dict(cls, d: dict) -> Shard:
-        return cls(**{**d, "members": tuple(d["members"])})
+        r = d.get("retry")
+        retry = Retry(frozenset(r["indices"]), r["start"]) if r else None
+        return cls(**{**d, "members": tuple(d["members"]), "retry": retry})
+
+    def wants(self, i: int) -> bool:
+        return self.retry is None or self.retry.wants(i)
+
+    def expected(self, rows: int, failed: bool) -> list[int]:
+        """Sample indices this shard's committed file must hold, given its end marker: `rows` samples passed,
+        the last of them a shard-level error row when `failed` (always written, wanted or not)."""
+        return [i for i in range(rows) if self.wants(i) or (failed and i == rows - 1)]
 
 
 def ext_of(path: str) -> str:

@@ -6,22 +6,25 @@
     OUTPUT/run=<id>/_summary.json, _SUCCESS
 
 Readers use committed runs only (`committed_files`, `read_latest`). A rerun resumes the newest unsealed
-run; otherwise it starts a new run over the inputs that no sealed run covered yet.
+run; otherwise it starts a new run over the inputs that no sealed run covered yet, plus the rows whose
+newest state is an error of a kind `sink.retry_errors` names (read again, only those).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from omnilmm_ray.commit import shard_file
 from omnilmm_ray.config import ConfigError, JobConfig, generation_fingerprint
-from omnilmm_ray.sources import Shard, plan_shards, without_done
+from omnilmm_ray.schema import SHARD_KINDS
+from omnilmm_ray.sources import Retry, Shard, plan_shards, without_done
 from omnilmm_ray.storage import join, read_json, resolve, write_json
 
 log = logging.getLogger(__name__)
@@ -88,7 +91,14 @@ class OutputTable:
         for rid in sealed:
             for s in plans[rid]["shards"]:
                 done.update(s["fingerprints"])
-        shards = without_done(plan_shards(cfg.inputs, cfg.input), done)
+        retry, redo_files = self._failed_rows(sealed, plans, cfg.sink.retry_kinds())
+        for u in redo_files:  # a loose file is one image: reading it again whole redoes just its row
+            done.pop(u, None)
+        listed = plan_shards(cfg.inputs, cfg.input)
+        shards = without_done(listed, done)
+        # Unchanged shards (same fingerprint) with failed rows: only those rows; a changed one is read whole.
+        whole = {s.uri for s in shards}
+        shards += [replace(s, retry=retry[s.uri]) for s in listed if s.uri not in whole and s.uri in retry]
         rid = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         run = Run(rid, self.run_uri(rid), shards, False)
         if before_write:
@@ -105,6 +115,61 @@ class OutputTable:
                 },
             )
         return run
+
+    def _error_rows(self, rid: str, plan: dict, kinds: set[str]) -> dict[str, list[tuple[int, str]]]:
+        """Shard id -> (sample_index, kind) of a sealed run's rows with an error of `kinds`."""
+        summary = read_json(self.fs, join(self._run_path(rid), "_summary.json")) or {}
+        if "errors_by_kind" in summary and not kinds & set(summary["errors_by_kind"]):
+            return {}  # one GET instead of reading every shard file of a run without such errors
+        out = {}
+        for s in plan["shards"]:
+            with self.fs.open(shard_file(self._run_path(rid), s["shard_id"]), "rb") as f:
+                t = pq.read_table(f, columns=["sample_index", "error_kind"])
+            t = t.filter(pc.is_in(t.column("error_kind"), pa.array(sorted(kinds), pa.string())))
+            if len(t):
+                out[s["shard_id"]] = list(zip(*t.to_pydict().values()))
+        return out
+
+    def _failed_rows(
+        self, sealed: list[str], plans: dict, kinds: set[str]
+    ) -> tuple[dict[str, Retry], set[str]]:
+        """Rows of sealed runs whose newest state is an error of `kinds`: tar/Parquet shard URI -> the part
+        to read again, and the URIs of loose files to read again.
+
+        Runs are replayed oldest first: a whole read of a shard replaces what earlier runs left, a retry
+        covers the indices it wanted; then the run's own failed rows are added. A later run that reads a
+        changed file whole plans it from its fingerprint, so retries only ever concern unchanged files.
+        """
+        if not kinds:
+            return {}, set()
+        pending: dict[str, tuple[set[int], int | None]] = {}
+        files: set[str] = set()
+        for rid in sealed:
+            errors = self._error_rows(rid, plans[rid], kinds)
+            for d in plans[rid]["shards"]:
+                s = Shard.from_dict(d)
+                failed = errors.get(s.shard_id, [])
+                if s.format == "files":  # each file read whole; a shard-level error stands for those after it
+                    uris = list(s.fingerprints)
+                    files.difference_update(uris)
+                    for i, kind in failed:
+                        files.update(uris[i:] if kind in SHARD_KINDS else uris[i : i + 1])
+                    continue
+                indices, start = pending.get(s.uri, (set(), None))
+                indices = {i for i in indices if not s.wants(i)}
+                if start is not None and (s.retry is None or s.wants(start) and s.retry.start is not None):
+                    start = None  # read again from `start` on (a retry of single indices stops after them)
+                for i, kind in failed:
+                    if kind in SHARD_KINDS:
+                        start = i if start is None else min(start, i)
+                    else:
+                        indices.add(i)
+                pending[s.uri] = (indices, start)
+        return {
+            uri: Retry(frozenset(i for i in indices if start is None or i < start), start)
+            for uri, (indices, start) in pending.items()
+            if indices or start is not None
+        }, files
 
     def _sealed_files(self) -> dict[str, list[str]]:
         """Sealed run id -> its shard files."""
@@ -126,11 +191,26 @@ class OutputTable:
         return pa.concat_tables(parts) if parts else pa.table({})
 
     def read_latest(self) -> pa.Table:
-        """The newest caption per (source, key) across sealed runs."""
+        """The newest caption per (source, key) across sealed runs.
+
+        A shard-level error row (no key: reading stopped there) is dropped once a later run read that shard
+        again from its index on. (For loose files its source is their folder, and any later read of files in
+        that folder drops it; the files themselves stay planned for a retry until read.)
+        """
         t = self.read_committed()
         if not len(t):
             return t
-        t = t.sort_by([("run", "descending")])
+        reread: dict[str, list[tuple[str, Shard]]] = {}
+        for rid in self.sealed_runs():
+            for d in self.plan_of(rid)["shards"]:
+                reread.setdefault(d["uri"], []).append((rid, Shard.from_dict(d)))
+        keep_rows = [
+            key is not None or not any(r2 > run and s.wants(i) for r2, s in reread.get(src, []))
+            for src, key, i, run in zip(
+                *t.select(["source", "key", "sample_index", "run"]).to_pydict().values()
+            )
+        ]
+        t = t.filter(pa.array(keep_rows)).sort_by([("run", "descending")])
         keys = [f"{s}\x00{k}" for s, k in zip(t.column("source").to_pylist(), t.column("key").to_pylist())]
         seen, keep = set(), []
         for k in keys:

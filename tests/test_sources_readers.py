@@ -73,7 +73,7 @@ def test_truncated_tar_keeps_complete_samples_and_adds_an_error_row(tmp_path):
     data = p.read_bytes()
     p.write_bytes(data[:7000])  # inside the third image (the tail of the file is zero padding)
     rows, end = rows_of(plan_shards([str(p)], CFG)[0])
-    assert rows[-1]["error_kind"] == "shard_unreadable"
+    assert rows[-1]["error_kind"] == "shard_truncated" and "the tar ends at byte 7000" in rows[-1]["error"]
     assert all(r["error"] is None for r in rows[:-1]) and len(rows) >= 2
     assert end["shard_rows"] == len(rows)
 
