@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from omnilmm_ray.redact import redact_text
+
 # Bookkeeping carried by every internal row; not written to the output table.
 SHARD_FIELDS = [
     pa.field("shard_id", pa.string()),
@@ -61,6 +63,6 @@ def is_end(t: pa.Table) -> list[bool]:
 
 
 def error(kind: str, reason: str) -> dict:
-    """The two error columns of a failed row."""
-    reason = " ".join(str(reason).split())[:300]
+    """The two error columns of a failed row (a URI in the reason loses any credentials it carries)."""
+    reason = redact_text(" ".join(str(reason).split()))[:300]
     return {"error": f"{kind}: {reason}", "error_kind": kind}
