@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Our INFO lines, other libraries' warnings only (botocore logs where it found credentials at INFO).
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("omnilmm_ray").setLevel(logging.INFO)
     from omnilmm_ray.job import ErrorBudgetExceeded, precheck, run_job
     from omnilmm_ray.lease import LeaseHeld
 
