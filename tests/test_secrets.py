@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from omnilmm_ray import schema
 from omnilmm_ray.config import JobConfig, generation_fingerprint, load_config
 from omnilmm_ray.redact import redact_text, redact_uri, register, uri_has_credentials
 from omnilmm_ray.samples import build_samples, draw, encode, write_tar
@@ -66,9 +67,13 @@ def test_uris_with_credentials_are_redacted_and_refused(uri, shown):
     )
 
 
-def test_known_secret_values_are_masked_in_text():
+def test_known_secret_values_are_masked_in_text_and_error_rows():
     register(["SECRETKEY-registered-42", "short"])
     assert redact_text("key=SECRETKEY-registered-42 short") == "key=*** short"
+    row = schema.error(
+        "shard_unreadable", "cannot open https://h/a.tar?sig=SIGSECRET-77 (SECRETKEY-registered-42)"
+    )
+    assert "SIGSECRET-77" not in row["error"] and "SECRETKEY-registered-42" not in row["error"]
 
 
 # -- the whole job, in subprocesses, against a local S3 server --------------------------------------------
