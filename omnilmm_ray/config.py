@@ -1,16 +1,28 @@
 """Job configuration: one pydantic model, loaded from YAML and overridden by CLI flags.
 
-The `Field(description=...)` texts are the reference documentation (`python jobs/caption.py --help-config`).
+The `Field(description=...)` texts are the reference documentation (`python jobs/caption.py --print-config`).
+Fields that hold credentials are declared `SecretOptions` (or pydantic's `SecretStr` for a single value):
+`model_dump` and `repr` show them as `***`, while the code that opens storage reads the attribute itself.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from omnilmm_ray.redact import MASK, redact_text, redact_uri, uri_has_credentials
 from omnilmm_ray.schema import ERROR_KINDS, RETRYABLE_KINDS
 
 DEFAULT_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
@@ -19,6 +31,14 @@ DEFAULT_PROMPT = "Describe this image in one detailed sentence."
 
 class ConfigError(ValueError):
     """A user-facing configuration problem; the message names the field and what to do."""
+
+
+# fsspec storage options hold credentials (key, secret, token, account_key, sas_token, ...). Dumped (the run
+# summary, --dry-run) they keep their keys, so a reader sees which options were set, but not the values.
+SecretOptions = Annotated[
+    dict[str, Any], PlainSerializer(lambda opts: {k: MASK for k in opts}, return_type=dict[str, str])
+]
+SECRET_FIELDS = ("input.storage_options", "sink.storage_options")
 
 
 class _Strict(BaseModel):
@@ -34,8 +54,9 @@ class InputConfig(_Strict):
     files_per_shard: int = Field(
         1000, gt=0, description="Loose image files are grouped into work units of this many files."
     )
-    storage_options: dict[str, Any] = Field(
+    storage_options: SecretOptions = Field(
         default_factory=dict,
+        repr=False,
         description="Extra fsspec storage options for the inputs (credentials and endpoint also come from "
         "the usual environment, e.g. AWS_ENDPOINT_URL).",
     )
@@ -159,8 +180,8 @@ class ScaleConfig(_Strict):
 
 
 class OutputConfig(_Strict):
-    storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="Extra fsspec options for the output."
+    storage_options: SecretOptions = Field(
+        default_factory=dict, repr=False, description="Extra fsspec options for the output."
     )
     max_error_rate: float = Field(
         1.0,
@@ -230,6 +251,22 @@ class JobConfig(_Strict):
     scale: ScaleConfig = Field(default_factory=ScaleConfig)
     sink: OutputConfig = Field(default_factory=OutputConfig)
 
+    @field_validator("inputs", "output")
+    @classmethod
+    def _no_credentials_in_uris(cls, v: str | list[str], info: ValidationInfo) -> str | list[str]:
+        # The URIs are stored in the run's plan and in every row's `source`, and printed in logs; a resumed
+        # run reads the plan's URIs again, so they cannot be redacted there. Credentials go elsewhere.
+        opts = "input.storage_options" if info.field_name == "inputs" else "sink.storage_options"
+        for uri in [v] if isinstance(v, str) else v:
+            if uri_has_credentials(uri):
+                raise ValueError(
+                    f"{redact_uri(uri)} carries credentials (a password or a signed-URL parameter), which "
+                    "would be stored in the run's plan and rows; remove them from the URI and pass them "
+                    "through the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, an instance role) or "
+                    f"{opts}"
+                )
+        return v
+
     @property
     def model_label(self) -> str:
         return "fake" if self.engine.backend == "fake" else self.engine.model
@@ -284,13 +321,17 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         where = ".".join(str(p) for p in err["loc"]) or "config"
         flags = [f"--{f.replace('_', '-')}" for f, p in CLI_FIELDS.items() if p == where]
         hint = f" (flag {flags[0]})" if flags else ""
-        raise ConfigError(
-            f"{where}: {err['msg']}; got {err.get('input')!r}. Fix '{where}' in the config file{hint}."
-        ) from None
+        secret = any(where.startswith(f) for f in SECRET_FIELDS)
+        got = MASK if secret else redact_text(repr(err.get("input")))
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{where}: {msg}; got {got}. Fix '{where}' in the config file{hint}.") from None
 
 
 def generation_fingerprint(cfg: JobConfig) -> dict[str, Any]:
-    """Everything that determines a caption for given image bytes; equal fingerprints may share captions."""
+    """Everything that determines a caption for given image bytes; equal fingerprints may share captions.
+
+    Never storage options or any other credential: rotating a key is not a new labelling configuration.
+    """
     return {
         "model": cfg.model_label,
         "prompt": cfg.prompt,

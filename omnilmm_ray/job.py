@@ -11,11 +11,14 @@ import uuid
 from collections import Counter, defaultdict
 
 import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
 
 from omnilmm_ray.commit import ShardCommitter, load_progress, remove_files, reopen_failed_shards, verify_run
 from omnilmm_ray.config import ConfigError, JobConfig
+from omnilmm_ray.errors import as_config_error, storage_access
 from omnilmm_ray.faults import kill_point
 from omnilmm_ray.lease import Lease
+from omnilmm_ray.redact import redact_text
 from omnilmm_ray.schema import SHARD_KINDS
 from omnilmm_ray.storage import join, read_json, write_bytes_atomic, write_json
 from omnilmm_ray.table import OutputTable, Run
@@ -27,24 +30,39 @@ class ErrorBudgetExceeded(RuntimeError):
     pass
 
 
-def check_output(cfg: JobConfig) -> OutputTable:
+def check_output(cfg: JobConfig, write: bool = True) -> OutputTable:
+    """The output is reachable with our credentials and (`write`) accepts a write; else ConfigError."""
     table = OutputTable(cfg.output, cfg.sink.storage_options)
     probe = join(table.path, f"_probe-{uuid.uuid4().hex}")
-    try:  # a real write: on object stores only that proves the bucket exists and accepts our credentials
-        write_bytes_atomic(table.fs, probe, b"")
-        table.fs.rm_file(probe)
+    try:
+        if (
+            write
+        ):  # a real write: on object stores only that proves the bucket exists and accepts our credentials
+            write_bytes_atomic(table.fs, probe, b"")
+            table.fs.rm_file(probe)
+        elif not table.run_ids() and not isinstance(table.fs, LocalFileSystem):
+            table.fs.ls(table.path.split("/")[0])  # an empty listing: does the bucket exist at all?
     except Exception as e:
-        raise ConfigError(
-            f"output: {cfg.output} is not reachable or not writable ({type(e).__name__}: {e})"
+        raise as_config_error("output", cfg.output, e) or ConfigError(
+            redact_text(f"output: {cfg.output} is not reachable or not writable ({type(e).__name__}: {e})")
         ) from None
     return table
 
 
-def start_preflight(cfg: JobConfig):
+def precheck(cfg: JobConfig) -> OutputTable:
+    """What needs no Ray, so that the entrypoint fails in seconds: the output works and no job holds it."""
+    table = check_output(cfg)
+    with storage_access("output", cfg.output):
+        Lease(cfg.output, cfg.sink.lock_ttl_s, cfg.sink.storage_options).check()
+    return table
+
+
+def start_preflight(cfg: JobConfig, wait_for_gpus: bool = True):
     """Start resolving the lmdeploy backend on a GPU worker; returns a function that waits for it.
 
     It runs while the inputs are listed and must succeed before any shard is read; a model no engine can
-    serve fails the job there, naming the model.
+    serve fails the job there, naming the model. Missing GPUs are waited for (`engine.start_timeout_s`) only
+    when `wait_for_gpus`: on a Ray the job started itself, none can ever join.
     """
     if cfg.engine.backend == "fake":
         return lambda: "fake"
@@ -61,7 +79,14 @@ def start_preflight(cfg: JobConfig):
         except ValueError as e:
             return None, str(e)
 
-    if ray.cluster_resources().get("GPU", 0) < cfg.engine.tp:
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus < cfg.engine.tp and not wait_for_gpus:
+        raise ConfigError(
+            f"engine.backend: '{cfg.engine.backend}' needs {cfg.engine.tp} GPU(s) (engine.tp) and the "
+            f"job's own local Ray has {gpus:.0f}; use --engine fake here, or run on a GPU machine or on a "
+            "Ray cluster with GPU workers (RAY_ADDRESS / ray job submit)"
+        )
+    if gpus < cfg.engine.tp:
         log.warning(
             "the cluster has fewer than %d GPUs now; waiting up to %.0fs for one to join "
             "(engine.start_timeout_s; on a machine without GPUs use --engine fake)",
@@ -154,15 +179,20 @@ def summarize(cfg: JobConfig, run: Run, rows: pa.Table, attempt: dict) -> dict:
     }
 
 
-def run_job(cfg: JobConfig, dry_run: bool = False) -> dict:
+def run_job(
+    cfg: JobConfig, dry_run: bool = False, table: OutputTable | None = None, wait_for_gpus: bool = True
+) -> dict:
+    """`table`: from `precheck`, when the entrypoint ran it; `wait_for_gpus`: see `start_preflight`."""
     if dry_run:
-        table = OutputTable(cfg.output, cfg.sink.storage_options)
-        return {"dry_run": describe(cfg, table.open_run(cfg, write=False))}
-    table = check_output(cfg)
-    preflight = start_preflight(cfg)
+        table = check_output(cfg, write=False)
+        with storage_access("inputs", cfg.inputs):  # the output answered: a storage error is the inputs'
+            return {"dry_run": describe(cfg, table.open_run(cfg, write=False))}
+    table = table or check_output(cfg)
+    preflight = start_preflight(cfg, wait_for_gpus)
     with Lease(cfg.output, cfg.sink.lock_ttl_s, cfg.sink.storage_options):
         kill_point("lease")
-        run = table.open_run(cfg, before_write=preflight)
+        with storage_access("inputs", cfg.inputs):  # the output answered: a storage error is the inputs'
+            run = table.open_run(cfg, before_write=preflight)
         backend = preflight()
         kill_point("plan")
         progress = load_progress(run.uri, cfg.sink.storage_options)

@@ -53,6 +53,16 @@ class Lease:
     def _write(self) -> None:
         write_json(self.fs, self.path, {**self.me, "heartbeat": time.time()})
 
+    def check(self) -> None:
+        """Read-only peek, so a job can refuse before starting Ray: raises LeaseHeld when a live holder has
+        the output. A lease `acquire` would wait out or take over passes; `acquire` still decides."""
+        cur = read_json(self.fs, self.path)
+        if cur and not self._free(cur) and time.time() - float(cur.get("heartbeat", 0)) <= self.ttl_s / 2:
+            raise LeaseHeld(
+                f"output is in use: another job (host {cur.get('host')}, pid {cur.get('pid')}) holds "
+                f"{self.uri}; wait for it to finish, or delete the lock file if that job is gone"
+            )
+
     def acquire(self) -> Lease:
         cur = read_json(self.fs, self.path)
         age = time.time() - float(cur.get("heartbeat", 0)) if cur else 0.0

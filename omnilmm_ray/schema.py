@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from omnilmm_ray.redact import redact_text
+
 # Bookkeeping carried by every internal row; not written to the output table.
 SHARD_FIELDS = [
     pa.field("shard_id", pa.string()),
@@ -87,8 +89,8 @@ SHARD_KINDS = frozenset({"shard_unreadable", "shard_truncated"})
 
 
 def error(kind: str, reason: str) -> dict:
-    """The two error columns of a failed row."""
+    """The two error columns of a failed row (a URI in the reason loses any credentials it carries)."""
     if kind not in ERROR_KINDS:
         raise ValueError(f"unknown error kind {kind!r}: declare it in schema.py")
-    reason = " ".join(str(reason).split())[:300]
+    reason = redact_text(" ".join(str(reason).split()))[:300]
     return {"error": f"{kind}: {reason}", "error_kind": kind}

@@ -82,7 +82,9 @@ def _expand_one(pattern: str, cfg: InputConfig) -> tuple[str, dict[str, dict]]:
     fs, path = resolve(pattern, cfg.storage_options)
     if any(c in path for c in "*?["):
         root = path.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0]
-        found = {p: i for p, i in fs.glob(path, detail=True).items() if i.get("type") != "directory"}
+        found = {}
+        for p, i in fs.glob(path, detail=True).items():  # a glob may match folders: take all they hold
+            found.update(fs.find(p, detail=True) if i.get("type") == "directory" else {p: i})
     elif fs.isdir(path):
         root, found = path.rstrip("/"), fs.find(path, detail=True)
     elif fs.exists(path):
