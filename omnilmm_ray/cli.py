@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from omnilmm_ray.job import ErrorBudgetExceeded, run_job
-    from omnilmm_ray.lease import LeaseHeld
+    from omnilmm_ray.lease import LeaseHeld, LeaseLost
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "dry_run", "print_config")}
     try:
@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except LeaseHeld as e:
         print(f"error: {e}", file=sys.stderr)
         return 4
+    except LeaseLost as e:  # expected under a takeover: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except Exception as e:  # the traceback for the logs, then one line that says what failed
         traceback.print_exc()
         cause = getattr(e, "cause", None) or e  # a RayTaskError carries the worker's exception
