@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from omnilmm_ray.commit import ShardCommitter, load_progress, remove_files, verify_run
 from omnilmm_ray.config import ConfigError, JobConfig
-from omnilmm_ray.faults import kill_point
+from omnilmm_ray.faults import clear_flight_records, kill_point
 from omnilmm_ray.lease import Lease
 from omnilmm_ray.storage import join, write_bytes_atomic, write_json
 from omnilmm_ray.table import OutputTable, Run
@@ -145,7 +145,7 @@ def run_job(cfg: JobConfig, dry_run: bool = False) -> dict:
         return {"dry_run": describe(cfg, table.open_run(cfg, write=False))}
     table = check_output(cfg)
     preflight = start_preflight(cfg)
-    with Lease(cfg.output, cfg.sink.lock_ttl_s, cfg.sink.storage_options):
+    with Lease(cfg.output, cfg.sink.lock_ttl_s, cfg.sink.storage_options) as lease:
         kill_point("lease")
         run = table.open_run(cfg, before_write=preflight)
         backend = preflight()
@@ -166,9 +166,17 @@ def run_job(cfg: JobConfig, dry_run: bool = False) -> dict:
         if todo:
             from omnilmm_ray.pipeline import caption_batches
 
-            for batch in caption_batches(todo, cfg, run.uri, reuse, progress.done_indices):
-                processed += sum(1 for e in batch.column("shard_rows").to_pylist() if e is None)
-                committer.add(batch)
+            batches = caption_batches(todo, cfg, run.uri, reuse, progress.done_indices)
+            try:
+                for batch in batches:
+                    processed += sum(1 for e in batch.column("shard_rows").to_pylist() if e is None)
+                    lease.ensure()  # `add` may write a part or a shard file
+                    committer.add(batch)
+            finally:
+                # Shut Ray Data's executor and its engine actors down now, on an error too, instead of
+                # whenever the iterator is garbage-collected; then drop this attempt's flight records.
+                batches.close()
+                clear_flight_records()
         if committer.uncommitted():
             raise RuntimeError(
                 f"pipeline ended with shards not fully captioned: {committer.uncommitted()[:5]}"
@@ -192,6 +200,7 @@ def run_job(cfg: JobConfig, dry_run: bool = False) -> dict:
         if over:
             summary["status"] = "failed: error budget exceeded"
         fs, path = table.fs, join(table.path, f"run={run.run_id}")
+        lease.ensure()
         write_json(fs, join(path, "_summary.json"), summary)
         kill_point("seal")
         if over:
@@ -200,5 +209,6 @@ def run_job(cfg: JobConfig, dry_run: bool = False) -> dict:
                 f"{cfg.sink.max_error_rate}; rows are committed in {run.uri} but the run is not sealed; top "
                 f"errors: {dict(list(summary['errors_by_kind'].items())[:3])}"
             )
+        lease.ensure()
         write_bytes_atomic(fs, join(path, "_SUCCESS"), b"")
         return summary

@@ -67,7 +67,7 @@ class CaptionStage:
         self.cfg = cfg
         self.reuse = reuse or {}
         self.engine = make_engine(cfg.engine, cfg.generation, crash_marker=join(run_uri, "_drill_crashed"))
-        self.flight = FlightRecorder(run_uri, cfg.sink.storage_options)
+        self.flight = FlightRecorder()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
