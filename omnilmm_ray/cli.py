@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from omnilmm_ray.lease import LeaseHeld, LeaseLost
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "dry_run", "print_config")}
+    connected = False
     try:
         cfg = load_config(args.config, overrides)
         if args.dry_run:
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         import ray
 
+        connected = not ray.is_initialized()  # called in-process (tests): the caller's Ray stays up
         ray.init(ignore_reinit_error=True, log_to_driver=True)
         if cfg.engine.backend == "fake":
             from omnilmm_ray.engines.fake import BANNER
@@ -76,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         cause = getattr(e, "cause", None) or e  # a RayTaskError carries the worker's exception
         print(f"error: {type(cause).__name__}: {cause}".splitlines()[0], file=sys.stderr)
         return 1
+    finally:
+        if connected:  # end the Ray job now, not at interpreter exit: its actors (and a Ray it started) go
+            import ray
+
+            ray.shutdown()
     c = summary["counts"]
     print(
         f"done: run {summary['run']}: {summary['rows']} rows ({c['ok']} ok, {c['error']} errors, {c['cached']} "
