@@ -87,17 +87,20 @@ class _Store:
 
 
 class _LocalStore(_Store):
-    """Compare-and-swap under an advisory lock (`flock`) on a sidecar file, which the kernel drops when its
-    holder dies, so it never goes stale; creating is also an exclusive create (a hard link)."""
+    """Compare-and-swap under an advisory lock (`flock`) on the output folder, which the kernel drops when
+    its holder dies, so it never goes stale; creating is also an exclusive create (a hard link)."""
 
     @contextmanager
     def _swap(self, token: object):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        with open(f"{self.path}.flock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+        fd = os.open(os.path.dirname(self.path), os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             if read_json(self.fs, self.path) != token:
                 raise _Taken()
             yield
+        finally:
+            os.close(fd)
 
     def create(self, body: dict) -> object:
         with self._swap(None):
