@@ -102,9 +102,10 @@ def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("omnilmm_ray").setLevel(logging.INFO)
     from omnilmm_ray.job import ErrorBudgetExceeded, precheck, run_job
-    from omnilmm_ray.lease import LeaseHeld
+    from omnilmm_ray.lease import LeaseHeld, LeaseLost
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "dry_run", "print_config")}
+    connected = False
     try:
         cfg = load_config(args.config, overrides)
         redact.register(redact.option_secrets(cfg.input.storage_options))
@@ -115,6 +116,7 @@ def _main(args: argparse.Namespace) -> int:
         table = precheck(cfg)  # before starting Ray: a wrong output or a held lease fails in seconds
         import ray
 
+        connected = not ray.is_initialized()  # called in-process (tests): the caller's Ray stays up
         ray.init(ignore_reinit_error=True, log_to_driver=True)
         _catch_signals()
         if cfg.engine.backend == "fake":
@@ -131,6 +133,9 @@ def _main(args: argparse.Namespace) -> int:
     except LeaseHeld as e:
         print(_error(e), file=sys.stderr)
         return 4
+    except LeaseLost as e:  # expected under a takeover: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:  # the lease was released on the way here
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return getattr(e, "exit_code", 130)
@@ -139,6 +144,11 @@ def _main(args: argparse.Namespace) -> int:
         cause = getattr(e, "cause", None) or e  # a RayTaskError carries the worker's exception
         print(f"error: {type(cause).__name__}: {cause}".splitlines()[0], file=sys.stderr)
         return 1
+    finally:
+        if connected:  # end the Ray job now, not at interpreter exit: its actors (and a Ray it started) go
+            import ray
+
+            ray.shutdown()
     c = summary["counts"]
     print(
         f"done: run {summary['run']}: {summary['rows']} rows ({c['ok']} ok, {c['error']} errors, {c['cached']} "

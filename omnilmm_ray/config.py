@@ -114,7 +114,11 @@ class EngineConfig(_Strict):
         "failing the job.",
     )
     max_crashes_per_image: int = Field(
-        1, ge=1, description="An image on which the engine died this many times, alone, becomes an error row."
+        2,
+        ge=1,
+        description="An image becomes an `engine_crash` error row once engines died this many times with it "
+        "alone in flight, within one attempt of the job (a kill of the whole job is no engine death). 2, not "
+        "1: one death alone can be a coincidence (a GPU fault, an OOM from another process).",
     )
     fake_delay_s: float = Field(
         0.0, ge=0, description="Fake engine only: sleep per batch to emulate GPU time."

@@ -16,7 +16,7 @@ from fsspec.implementations.local import LocalFileSystem
 from omnilmm_ray.commit import ShardCommitter, load_progress, remove_files, reopen_failed_shards, verify_run
 from omnilmm_ray.config import ConfigError, JobConfig
 from omnilmm_ray.errors import as_config_error, storage_access
-from omnilmm_ray.faults import kill_point
+from omnilmm_ray.faults import clear_flight_records, kill_point
 from omnilmm_ray.lease import Lease
 from omnilmm_ray.redact import redact_text
 from omnilmm_ray.schema import SHARD_KINDS
@@ -189,7 +189,7 @@ def run_job(
             return {"dry_run": describe(cfg, table.open_run(cfg, write=False))}
     table = table or check_output(cfg)
     preflight = start_preflight(cfg, wait_for_gpus)
-    with Lease(cfg.output, cfg.sink.lock_ttl_s, cfg.sink.storage_options):
+    with Lease(cfg.output, cfg.sink.lock_ttl_s, cfg.sink.storage_options) as lease:
         kill_point("lease")
         with storage_access("inputs", cfg.inputs):  # the output answered: a storage error is the inputs'
             run = table.open_run(cfg, before_write=preflight)
@@ -216,9 +216,17 @@ def run_job(
             from omnilmm_ray.pipeline import caption_batches
 
             vision = processor_offload(cfg, backend)
-            for batch in caption_batches(todo, cfg, run.uri, reuse, progress.done_indices, vision):
-                processed += sum(1 for e in batch.column("shard_rows").to_pylist() if e is None)
-                committer.add(batch)
+            batches = caption_batches(todo, cfg, run.uri, reuse, progress.done_indices, vision)
+            try:
+                for batch in batches:
+                    processed += sum(1 for e in batch.column("shard_rows").to_pylist() if e is None)
+                    lease.ensure()  # `add` may write a part or a shard file
+                    committer.add(batch)
+            finally:
+                # Shut Ray Data's executor and its engine actors down now, on an error too, instead of
+                # whenever the iterator is garbage-collected; then drop this attempt's flight records.
+                batches.close()
+                clear_flight_records()
         if committer.uncommitted():
             raise RuntimeError(
                 f"pipeline ended with shards not fully captioned: {committer.uncommitted()[:5]}"
@@ -245,6 +253,7 @@ def run_job(
         if over:
             summary["status"] = "failed: error budget exceeded"
         fs, path = table.fs, join(table.path, f"run={run.run_id}")
+        lease.ensure()
         write_json(fs, join(path, "_summary.json"), summary)
         kill_point("seal")
         if over:
@@ -255,5 +264,6 @@ def run_job(
                 "to read failed shards again, or raise the budget to seal it as it is; top errors: "
                 f"{dict(list(summary['errors_by_kind'].items())[:3])}"
             )
+        lease.ensure()
         write_bytes_atomic(fs, join(path, "_SUCCESS"), b"")
         return summary

@@ -109,7 +109,7 @@ class CaptionStage:
         self.reuse = reuse or {}
         self.vision = vision  # vision.VisionSpec: pixels arrive as the model's patches (preprocess_batch)
         self.engine = make_engine(cfg.engine, cfg.generation, crash_marker=join(run_uri, "_drill_crashed"))
-        self.flight = FlightRecorder(run_uri, cfg.sink.storage_options)
+        self.flight = FlightRecorder()
         self.timer = StageTimer()
         pkg = logging.getLogger("omnilmm_ray")
         if not pkg.handlers:  # Ray workers leave the root logger at WARNING: show this actor's INFO lines

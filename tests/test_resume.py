@@ -201,3 +201,70 @@ def test_error_budget_fails_loudly_after_committing(ray_local, tmp_path, capsys)
         == 0
     )
     assert (run / "_SUCCESS").exists() and len(list(out.glob("run=*"))) == 1
+
+
+def _job_id(p) -> str | None:
+    """The Ray job id of a job subprocess attached to the test's cluster."""
+    from ray._private.state import state
+
+    return next((j["JobID"] for j in state.job_table() if j["DriverPid"] == p.pid), None)
+
+
+def _wait_in_engine(p, rows_with=None, timeout=120) -> str:
+    """Wait until the job has a batch inside the engine (its flight record), with `rows_with` in it."""
+    from omnilmm_ray.faults import flight_records
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and p.poll() is None:
+        job = _job_id(p)
+        recs = flight_records(job) if job else {}
+        if any(rows_with is None or any(r.endswith(rows_with) for r in v["rows"]) for v in recs.values()):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"no batch reached the engine (rc={p.poll()}): {p.stderr.read().decode()[-2000:]}")
+
+
+def _alive_actors(jobs: set[str]) -> list[dict]:
+    """Actors of these jobs that Ray still counts alive, or whose process still runs."""
+    from ray._private.state import state
+
+    left = []
+    for a in state.actor_table(None).values():
+        if a["JobID"] in jobs and not a["IsDetached"]:
+            pid = a.get("Pid") or 0
+            running = pid > 0 and Path(f"/proc/{pid}").exists()
+            if a["State"] != "DEAD" or running:
+                left.append({k: a[k] for k in ("ActorClassName", "State", "Pid", "JobID")})
+    return left
+
+
+def test_job_kills_while_a_batch_is_in_the_engine_are_no_engine_crash(ray_local, tmp_path):
+    """Two kills of the whole job with image 0 in the engine are not two engine deaths on image 0;
+    and neither a finished nor a killed job leaves an actor or its process behind."""
+    import ray
+
+    build_samples(tmp_path / "in", shards=1, per_shard=8)
+    inputs, out = tmp_path / "in" / "webdataset", tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "jobs" / "caption.py"), "--input", str(inputs), "--output", str(out)]
+    cmd += ["--engine", "fake", "--fake-delay", "4", "--batch-size", "8"]
+    cluster = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    jobs = set()
+    for rows_with in (None, ":0"):
+        p = start(cmd, cluster)
+        jobs.add(_wait_in_engine(p, rows_with))
+        os.killpg(p.pid, signal.SIGKILL)
+        assert p.wait(timeout=60) == -signal.SIGKILL
+    p = start(cmd, cluster)
+    out_, err = p.communicate(timeout=300)
+    err = err.decode()
+    assert p.returncode == 0, err[-3000:]
+    jobs.add(_job_id(p) or "")
+    assert "killed an engine before" not in err
+    t = pads.dataset(str(next(out.glob("run=*"))), format="parquet").to_table()
+    assert sorted(t.column("sample_index").to_pylist()) == list(range(8))
+    assert t.column("error_kind").null_count == 8, t.column("error_kind").to_pylist()
+
+    deadline, left = time.time() + 60, None  # Ray reaps a dead driver's actors asynchronously
+    while time.time() < deadline and (left := _alive_actors(jobs)):
+        time.sleep(0.5)
+    assert not left, left
