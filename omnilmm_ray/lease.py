@@ -137,11 +137,20 @@ class _S3Store(_Store):
             r = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self.key)
             return await r["Body"].read(), r["ETag"]
 
-        try:
-            data, etag = sync(self.fs.loop, get)
-        except FileNotFoundError:
-            return None, None
-        return json.loads(data), etag
+        import aiohttp
+
+        for attempt in range(5):
+            try:
+                data, etag = sync(self.fs.loop, get)
+                return json.loads(data), etag
+            except FileNotFoundError:
+                return None, None
+            except (aiohttp.ClientError, ConnectionError, TimeoutError):
+                # s3fs retries the request, not a body cut off mid-read (what s3fs's own cat_file retries)
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * 2**attempt)
+        raise AssertionError("unreachable")
 
     def _put(self, body: dict, **cond) -> object:
         try:
