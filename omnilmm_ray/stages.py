@@ -110,6 +110,10 @@ class CaptionStage:
         self.vision = vision  # vision.VisionSpec: pixels arrive as the model's patches (preprocess_batch)
         self.engine = make_engine(cfg.engine, cfg.generation, crash_marker=join(run_uri, "_drill_crashed"))
         self.flight = FlightRecorder()
+        # Image-by-image retries run alone in the actor (scale.concurrent_batches > 1): a death during one
+        # must be that image's alone, or an innocent image retried beside the culprit is counted too.
+        self._calls = threading.Condition()
+        self._active, self._alone = 0, False
         self.timer = StageTimer()
         pkg = logging.getLogger("omnilmm_ray")
         if not pkg.handlers:  # Ray workers leave the root logger at WARNING: show this actor's INFO lines
@@ -154,7 +158,7 @@ class CaptionStage:
                         schema.error("engine_crash", f"the engine died {n} time(s) on this image alone")
                     )
                 else:
-                    self._caption([item])
+                    self._caption([item], alone=True)
                 self.flight.end(_ids([item]))
         if todo:
             self.flight.end(_ids(todo))
@@ -163,7 +167,19 @@ class CaptionStage:
         self.timer.stop(len(todo))
         return out
 
-    def _caption(self, todo: list[tuple[dict, Image.Image]]) -> None:
+    def _caption(self, todo: list[tuple[dict, Image.Image]], alone: bool = False) -> None:
+        with self._calls:
+            self._calls.wait_for(lambda: not self._alone and (self._active == 0 or not alone))
+            self._alone, self._active = alone, self._active + 1
+        try:
+            self._call_engine(todo)
+        finally:
+            with self._calls:
+                self._active -= 1
+                self._alone = False if alone else self._alone
+                self._calls.notify_all()
+
+    def _call_engine(self, todo: list[tuple[dict, Image.Image]]) -> None:
         try:
             captions = self.engine.caption(self.cfg.prompt, [im for _, im in todo])
         except EngineDied as e:
