@@ -12,6 +12,7 @@ Measures, in one process, on random weights with Qwen2-VL-2B's shapes (TurboMind
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -43,8 +44,6 @@ def main() -> None:
     work = Path(args.work)
     model_dir = work / "Qwen2-VL-2B-shapes"
     model = str(model_dir if (model_dir / "config.json").exists() else build(model_dir, shapes=QWEN2_VL_2B))
-    import io
-
     raw = [
         Image.open(io.BytesIO(encode(draw(i, size=(640, 480))[0], quality=90))).convert("RGB")
         for i in range(args.images)

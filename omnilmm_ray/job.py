@@ -35,9 +35,8 @@ def check_output(cfg: JobConfig, write: bool = True) -> OutputTable:
     table = OutputTable(cfg.output, cfg.sink.storage_options)
     probe = join(table.path, f"_probe-{uuid.uuid4().hex}")
     try:
-        if (
-            write
-        ):  # a real write: on object stores only that proves the bucket exists and accepts our credentials
+        # a real write: on object stores only that proves the bucket exists and accepts our credentials
+        if write:
             write_bytes_atomic(table.fs, probe, b"")
             table.fs.rm_file(probe)
         elif not table.run_ids() and not isinstance(table.fs, LocalFileSystem):

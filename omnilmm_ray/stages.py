@@ -108,6 +108,8 @@ class CaptionStage:
         self.cfg = cfg
         self.reuse = reuse or {}
         self.vision = vision  # vision.VisionSpec: pixels arrive as the model's patches (preprocess_batch)
+        # What besides the image bytes determines the patches: fixed for the job, so built once, not per image.
+        self._fingerprint_settings = f"|{cfg.preprocess.max_side}|{vision}"
         self.engine = make_engine(cfg.engine, cfg.generation, crash_marker=join(run_uri, "_drill_crashed"))
         self.flight = FlightRecorder()
         # Image-by-image retries run alone in the actor (scale.concurrent_batches > 1): a death during one
@@ -125,7 +127,7 @@ class CaptionStage:
     def _image(self, r: dict, pixels, pw: int, ph: int) -> Image.Image | Prepared:
         if self.vision is None:
             return pixels_to_image(pixels, pw, ph)
-        key = f"{r['sha256']}|{pw}x{ph}|{self.cfg.preprocess.max_side}|{self.vision}".encode()
+        key = f"{r['sha256']}|{pw}x{ph}{self._fingerprint_settings}".encode()
         return Prepared(pixels, (pw, ph), hashlib.sha256(key).digest())
 
     def __call__(self, batch: pa.Table) -> pa.Table:

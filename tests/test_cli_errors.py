@@ -60,6 +60,11 @@ def last_line(r) -> str:
     return r.stderr.strip().splitlines()[-1]
 
 
+def dry_run_to_s3(samples, **kw):
+    args = ["--input", str(samples / "webdataset"), "--output", "s3://bucket/out", "--engine", "fake"]
+    return cli([*args, "--dry-run"], **kw)
+
+
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory):
     root = tmp_path_factory.mktemp("samples")
@@ -68,16 +73,8 @@ def samples(tmp_path_factory):
 
 
 def test_dry_run_with_unreachable_s3_output(samples):
-    r = cli(
-        [
-            "--input",
-            str(samples / "webdataset"),
-            "--output",
-            "s3://bucket/out",
-            "--engine",
-            "fake",
-            "--dry-run",
-        ],
+    r = dry_run_to_s3(
+        samples,
         env={"AWS_ENDPOINT_URL": closed_port_url(), "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"},
     )
     assert r.returncode == 2
@@ -87,17 +84,8 @@ def test_dry_run_with_unreachable_s3_output(samples):
 
 @pytest.mark.integration
 def test_dry_run_with_uncredentialed_s3_output(samples, s3_endpoint):
-    r = cli(
-        [
-            "--input",
-            str(samples / "webdataset"),
-            "--output",
-            "s3://bucket/out",
-            "--engine",
-            "fake",
-            "--dry-run",
-        ],
-        drop=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"),
+    r = dry_run_to_s3(
+        samples, drop=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
     )
     assert r.returncode == 2
     assert "no credentials" in one_line(r)
