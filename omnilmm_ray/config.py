@@ -110,8 +110,8 @@ class EngineConfig(_Strict):
     start_timeout_s: float = Field(
         900,
         gt=0,
-        description="How long to wait for a worker with `tp` free GPUs (an autoscaler may be adding one) before "
-        "failing the job.",
+        description="How long to wait for the first engine actor (a worker with `tp` free GPUs: an autoscaler may "
+        "be adding one) to start before failing the job.",
     )
     max_crashes_per_image: int = Field(
         2,
@@ -134,6 +134,11 @@ class EngineConfig(_Strict):
     )
     fake_crash_on_size: tuple[int, int] | None = Field(
         None, description="Fake engine only (fault drills): the actor dies on every image of this (w, h)."
+    )
+    fake_refuse: str | None = Field(
+        None,
+        description="Fake engine only (drills): refuse the model with this reason, as lmdeploy refuses a model "
+        "no backend serves.",
     )
 
 

@@ -1,4 +1,4 @@
-"""One captioning run: preflight (started) -> lease -> plan -> preflight (awaited) -> pipeline -> verify -> seal.
+"""One captioning run: lease -> plan -> pipeline (plan written once an engine serves the model) -> verify -> seal.
 
 Expects Ray to be initialised by the entrypoint (jobs/caption.py); library code never calls `ray.init`.
 """
@@ -13,10 +13,13 @@ from collections import Counter, defaultdict
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
+from omnilmm_ray import gate
 from omnilmm_ray.commit import ShardCommitter, load_progress, remove_files, reopen_failed_shards, verify_run
 from omnilmm_ray.config import ConfigError, JobConfig
+from omnilmm_ray.engines import resolve_backend
 from omnilmm_ray.errors import as_config_error, storage_access
 from omnilmm_ray.faults import clear_flight_records, kill_point
+from omnilmm_ray.gate import EngineNotStarted
 from omnilmm_ray.lease import Lease
 from omnilmm_ray.redact import redact_text
 from omnilmm_ray.schema import SHARD_KINDS
@@ -56,27 +59,12 @@ def precheck(cfg: JobConfig) -> OutputTable:
     return table
 
 
-def start_preflight(cfg: JobConfig, wait_for_gpus: bool = True):
-    """Start resolving the lmdeploy backend on a GPU worker; returns a function that waits for it.
-
-    It runs while the inputs are listed and must succeed before any shard is read; a model no engine can
-    serve fails the job there, naming the model. Missing GPUs are waited for (`engine.start_timeout_s`) only
-    when `wait_for_gpus`: on a Ray the job started itself, none can ever join.
-    """
+def require_gpus(cfg: JobConfig, wait_for_gpus: bool = True) -> None:
+    """Fail at once when no GPU can ever come (a Ray the job started itself, without GPUs); otherwise say
+    that the job waits for one (`engine.start_timeout_s`)."""
     if cfg.engine.backend == "fake":
-        return lambda: "fake"
+        return
     import ray
-
-    from omnilmm_ray.pipeline import engine_resources
-
-    @ray.remote(**engine_resources(cfg), max_retries=0)
-    def _resolve(engine_cfg):
-        from omnilmm_ray.engines.lmdeploy_engine import resolve_backend
-
-        try:
-            return resolve_backend(engine_cfg), None
-        except ValueError as e:
-            return None, str(e)
 
     gpus = ray.cluster_resources().get("GPU", 0)
     if gpus < cfg.engine.tp and not wait_for_gpus:
@@ -92,32 +80,54 @@ def start_preflight(cfg: JobConfig, wait_for_gpus: bool = True):
             cfg.engine.tp,
             cfg.engine.start_timeout_s,
         )
+
+
+def preflight(cfg: JobConfig) -> str:
+    """Resolve the backend in a GPU task, for a new run with nothing to caption: no engine actor starts
+    to do it (gate.py), yet a run must not be sealed with settings no engine serves."""
+    if cfg.engine.backend == "fake":
+        return resolve_backend(cfg.engine)
+    import ray
+
+    from omnilmm_ray.pipeline import engine_resources
+
+    @ray.remote(**engine_resources(cfg), max_retries=0)
+    def _resolve(engine_cfg):
+        try:
+            return resolve_backend(engine_cfg), None
+        except ValueError as e:
+            return None, str(e)
+
     ref = _resolve.remote(cfg.engine)
-    result: list[str] = []
-
-    def wait() -> str:
-        if not result:
-            try:
-                backend, err = ray.get(ref, timeout=cfg.engine.start_timeout_s)
-            except ray.exceptions.GetTimeoutError:
-                ray.cancel(ref, force=True)
-                raise ConfigError(
-                    f"engine.tp: no worker with {cfg.engine.tp} free GPU(s) came up within "
-                    f"{cfg.engine.start_timeout_s:.0f}s (engine.start_timeout_s); add GPU workers, lower "
-                    "engine.tp, or use --engine fake on a machine without GPUs"
-                ) from None
-            if err:
-                raise ConfigError(err)
-            log.info("engine: %s -> lmdeploy %s backend", cfg.engine.model, backend)
-            result.append(backend)
-        return result[0]
-
-    return wait
+    try:
+        backend, err = ray.get(ref, timeout=cfg.engine.start_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        raise ConfigError(str(EngineNotStarted(cfg.engine.start_timeout_s))) from None
+    if err:
+        raise ConfigError(err)
+    return backend
 
 
-def processor_offload(cfg: JobConfig, backend: str):
-    """The model's image processor to run on the CPU workers (vision.py), when this backend takes it."""
-    if not cfg.preprocess.offload_processor or backend not in ("turbomind", "fake"):
+def _engine_refused(cfg: JobConfig, e: BaseException | None) -> str | None:
+    """Why the pipeline failed, when it was the gate (gate.py): a model no engine serves, or no engine
+    actor started in time. Read before the attempt's records are cleared."""
+    state = gate.peek()
+    if state and "error" in state:
+        return state["error"]
+    while e is not None and state is None:  # Ray Data wraps a task's exception in its own
+        text = f"{type(e).__name__}: {e}"
+        # the actor pool's start timing out (DataContext.wait_for_min_actors_s), or a read task's gate
+        if "Timed out while starting actors" in text or EngineNotStarted.__name__ in text:
+            return str(EngineNotStarted(cfg.engine.start_timeout_s))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def processor_offload(cfg: JobConfig):
+    """The model's image processor to run on the CPU workers (vision.py), for a backend that may take it
+    (whether the resolved backend does is decided in the stages, gate.TAKES_PATCHES)."""
+    if not cfg.preprocess.offload_processor or cfg.engine.backend == "pytorch":
         return None
     from omnilmm_ray.vision import load_spec
 
@@ -187,13 +197,11 @@ def run_job(
         with storage_access("inputs", cfg.inputs):  # the output answered: a storage error is the inputs'
             return {"dry_run": describe(cfg, table.open_run(cfg, write=False))}
     table = table or check_output(cfg)
-    preflight = start_preflight(cfg, wait_for_gpus)
+    require_gpus(cfg, wait_for_gpus)
     with Lease(cfg.output, cfg.sink.lock_ttl_s, cfg.sink.storage_options) as lease:
         kill_point("lease")
         with storage_access("inputs", cfg.inputs):  # the output answered: a storage error is the inputs'
-            run = table.open_run(cfg, before_write=preflight)
-        backend = preflight()
-        kill_point("plan")
+            run = table.open_run(cfg, write=False)
         progress = load_progress(run.uri, cfg.sink.storage_options)
         remove_files(table.fs, progress.orphans)
         ended = read_json(table.fs, join(run.uri, "_summary.json")) if run.resumed else None
@@ -208,19 +216,36 @@ def run_job(
             len(run.shards),
             len(run.shards) - len(todo),
         )
-        reuse = table.reuse_cache(cfg) if cfg.sink.reuse_captions else {}
+        backend = None
+        if not todo and not run.resumed:
+            backend = preflight(cfg)  # nothing to caption, so no engine actor resolves the model
+            table.write_plan(run)
+            kill_point("plan")
+        reuse = table.reuse_cache(cfg) if cfg.sink.reuse_captions and todo else {}
         committer = ShardCommitter(run.uri, todo, cfg.sink.storage_options, cfg.sink.commit_rows, progress)
         t0, processed = time.time(), 0
         if todo:
             from omnilmm_ray.pipeline import caption_batches
 
-            vision = processor_offload(cfg, backend)
-            batches = caption_batches(todo, cfg, run.uri, reuse, progress.done_indices, vision)
+            batches = caption_batches(
+                todo, cfg, run.uri, reuse, progress.done_indices, processor_offload(cfg)
+            )
             try:
                 for batch in batches:
+                    if backend is None:  # rows came back: the gate opened, an engine serves the model
+                        backend = gate.wait_open(0)
+                        log.info("engine: %s -> %s backend", cfg.engine.model, backend)
+                        lease.ensure()
+                        table.write_plan(run)
+                        kill_point("plan")
                     processed += sum(1 for e in batch.column("shard_rows").to_pylist() if e is None)
                     lease.ensure()  # `add` may write a part or a shard file
                     committer.add(batch)
+            except Exception as e:
+                refused = _engine_refused(cfg, e)
+                if refused:
+                    raise ConfigError(refused) from None
+                raise
             finally:
                 # Shut Ray Data's executor and its engine actors down now, on an error too, instead of
                 # whenever the iterator is garbage-collected; then drop this attempt's flight records.

@@ -15,9 +15,8 @@ import ray.data
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from omnilmm_ray.config import JobConfig
-from omnilmm_ray.preprocess import preprocess_batch
 from omnilmm_ray.sources import Shard
-from omnilmm_ray.stages import CaptionStage, read_shards
+from omnilmm_ray.stages import CaptionStage, preprocess_stage, read_shards
 
 # Reading is I/O-bound; a fractional CPU lets several shards stream while decoding keeps the cores
 # busy. Different resources also keep Ray Data from fusing reading and decoding into one task.
@@ -34,6 +33,19 @@ def engine_resources(cfg: JobConfig) -> dict:
     if cfg.engine.backend == "fake":
         return {"num_cpus": 0.5, "num_gpus": 0}
     return {"num_cpus": cfg.scale.actor_cpus, "num_gpus": cfg.engine.tp}
+
+
+def initial_actors(cfg: JobConfig) -> int:
+    """Engine actors to start with: as many as the GPUs free now hold (within min/max_actors).
+
+    Ray Data's autoscaler adds an actor only once the running ones are saturated, and an engine takes
+    ~20 s to start, so a pool that starts at `min_actors` on a host whose GPUs are all free spends that
+    long at a fraction of its speed; GPUs that join later (a cluster autoscaler) are still scaled up to.
+    """
+    if cfg.engine.backend == "fake":
+        return cfg.scale.min_actors
+    free = int(ray.available_resources().get("GPU", 0) // cfg.engine.tp)
+    return max(cfg.scale.min_actors, min(cfg.scale.max_actors, free))
 
 
 def shards_in_flight(cfg: JobConfig) -> int:
@@ -61,6 +73,9 @@ def build_dataset(
     # engine batch of pixels make each engine task about one batch, and captions stream back per batch.
     # `ds.context` is this dataset's own copy of the DataContext, not the process-wide one.
     # Patches from the model's processor (vision.py) are bfloat16 with the frame repeated: 12 bytes per pixel.
+    # Start the engine actors before anything is read: the first to resolve the model's backend opens the
+    # gate the read tasks wait at (gate.py), and an actor that cannot be placed in time fails the job here.
+    ds.context.wait_for_min_actors_s = cfg.engine.start_timeout_s
     bytes_per_pixel = 12 if vision is not None else 3
     ds.context.target_max_block_size = max(
         1 << 20, cfg.scale.batch_size * cfg.preprocess.max_side**2 * bytes_per_pixel // 2
@@ -74,7 +89,7 @@ def build_dataset(
         compute=TaskPoolStrategy(size=min(shards_in_flight(cfg), max(1, len(items)))),
     )
     ds = ds.map_batches(
-        preprocess_batch,
+        preprocess_stage,
         fn_kwargs={"cfg": cfg.preprocess, "vision": vision},
         batch_size=cfg.preprocess.batch_size,
         batch_format="pyarrow",
@@ -96,6 +111,7 @@ def build_dataset(
         compute=ActorPoolStrategy(
             min_size=cfg.scale.min_actors,
             max_size=cfg.scale.max_actors,
+            initial_size=initial_actors(cfg),
             max_tasks_in_flight_per_actor=max(cfg.scale.max_batches_in_flight, cfg.scale.concurrent_batches),
             max_concurrent_calls_per_actor=cfg.scale.concurrent_batches,
             enable_true_multi_threading=cfg.scale.concurrent_batches > 1,

@@ -16,11 +16,11 @@ from collections.abc import Iterator
 import pyarrow as pa
 from PIL import Image
 
-from omnilmm_ray import schema
-from omnilmm_ray.config import JobConfig
-from omnilmm_ray.engines import Caption, EngineDied, Prepared, make_engine
+from omnilmm_ray import gate, schema
+from omnilmm_ray.config import JobConfig, PreprocessConfig
+from omnilmm_ray.engines import Caption, EngineDied, Prepared, make_engine, resolve_backend
 from omnilmm_ray.faults import FlightRecorder
-from omnilmm_ray.preprocess import binary_views, pixels_to_image
+from omnilmm_ray.preprocess import binary_views, pixels_to_image, preprocess_batch
 from omnilmm_ray.readers import read_shard
 from omnilmm_ray.sources import Shard
 from omnilmm_ray.storage import join
@@ -33,9 +33,18 @@ def _ids(todo: list[tuple[dict, Image.Image]]) -> list[str]:
 
 
 def read_shards(batch: pa.Table, cfg: JobConfig) -> Iterator[pa.Table]:
-    """One row per shard (its JSON plan entry, indices to skip) -> SAMPLE_SCHEMA blocks, streamed."""
+    """One row per shard (its JSON plan entry, indices to skip) -> SAMPLE_SCHEMA blocks, streamed.
+
+    Nothing is read before an engine actor resolved the model's backend (gate.py)."""
+    gate.wait_open(cfg.engine.start_timeout_s)
     for d, skip in zip(batch.column("shard").to_pylist(), batch.column("skip").to_pylist()):
         yield from read_shard(Shard.from_dict(json.loads(d)), cfg.input, set(json.loads(skip)))
+
+
+def preprocess_stage(batch: pa.Table, cfg: PreprocessConfig, vision=None) -> pa.Table:
+    """`vision` is used only when the resolved backend takes patches (the gate is open: reads waited)."""
+    takes_patches = vision is not None and gate.wait_open(0) in gate.TAKES_PATCHES
+    return preprocess_batch(batch, cfg, vision if takes_patches else None)
 
 
 class StageTimer:
@@ -101,16 +110,27 @@ class CaptionStage:
     """
 
     def __init__(self, cfg: JobConfig, run_uri: str, reuse=None, vision=None):
+        t0 = time.monotonic()
+        try:
+            backend = resolve_backend(cfg.engine)
+        except ValueError as e:
+            gate.shut_gate(str(e))  # the driver fails the job with this reason; no shard was read
+            raise
+        gate.open_gate(backend)
+        resolved_s = time.monotonic() - t0
         if reuse is not None and not isinstance(reuse, dict):  # an ObjectRef: shared once, fetched per actor
             import ray
 
             reuse = ray.get(reuse)
         self.cfg = cfg
         self.reuse = reuse or {}
-        self.vision = vision  # vision.VisionSpec: pixels arrive as the model's patches (preprocess_batch)
+        # vision.VisionSpec: pixels arrive as the model's patches (preprocess_stage), if this backend takes them
+        self.vision = vision if backend in gate.TAKES_PATCHES else None
         # What besides the image bytes determines the patches: fixed for the job, so built once, not per image.
         self._fingerprint_settings = f"|{cfg.preprocess.max_side}|{vision}"
-        self.engine = make_engine(cfg.engine, cfg.generation, crash_marker=join(run_uri, "_drill_crashed"))
+        self.engine = make_engine(
+            cfg.engine, cfg.generation, crash_marker=join(run_uri, "_drill_crashed"), backend=backend
+        )
         self.flight = FlightRecorder()
         # Image-by-image retries run alone in the actor (scale.concurrent_batches > 1): a death during one
         # must be that image's alone, or an innocent image retried beside the culprit is counted too.
@@ -123,6 +143,12 @@ class CaptionStage:
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             pkg.addHandler(handler)
             pkg.setLevel(logging.INFO)
+        log.info(
+            "engine actor ready in %.1fs (backend %s resolved after %.1fs)",
+            time.monotonic() - t0,
+            backend,
+            resolved_s,
+        )
 
     def _image(self, r: dict, pixels, pw: int, ph: int) -> Image.Image | Prepared:
         if self.vision is None:

@@ -36,6 +36,7 @@ class Run:
     uri: str
     shards: list[Shard]
     resumed: bool
+    plan: dict | None = None  # a new run's plan, until written (OutputTable.write_plan)
 
 
 class OutputTable:
@@ -66,11 +67,11 @@ class OutputTable:
     def sealed_runs(self) -> list[str]:
         return [r for r in self.run_ids() if self.is_sealed(r)]
 
-    def open_run(self, cfg: JobConfig, write: bool = True, before_write=None) -> Run:
+    def open_run(self, cfg: JobConfig, write: bool = True) -> Run:
         """Resume the newest unsealed run, or plan a new one over what no sealed run covered.
 
-        `before_write` runs after planning (listing inputs) and before the plan is written, so a check that
-        may fail (the engine preflight) overlaps the listing yet leaves no run behind when it fails.
+        `write=False` leaves a new run's plan unwritten (`write_plan`): the job writes it once an engine
+        serves the model, so a job that fails before leaves no run behind.
         """
         fp = generation_fingerprint(cfg)
         ids = self.run_ids()
@@ -83,8 +84,6 @@ class OutputTable:
                     "captions with different model/prompt/generation settings go to a new --output"
                 )
         if ids and ids[-1] not in sealed and plans[ids[-1]] is not None:
-            if before_write:
-                before_write()
             shards = [Shard.from_dict(s) for s in plans[ids[-1]]["shards"]]
             return Run(ids[-1], self.run_uri(ids[-1]), shards, True)
         done: dict[str, str] = {}
@@ -100,21 +99,21 @@ class OutputTable:
         whole = {s.uri for s in shards}
         shards += [replace(s, retry=retry[s.uri]) for s in listed if s.uri not in whole and s.uri in retry]
         rid = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        run = Run(rid, self.run_uri(rid), shards, False)
-        if before_write:
-            before_write()
+        plan = {
+            "run_id": rid,
+            "fingerprint": fp,
+            "inputs": cfg.inputs,
+            "shards": [s.to_dict() for s in shards],
+        }
+        run = Run(rid, self.run_uri(rid), shards, False, plan)
         if write:
-            write_json(
-                self.fs,
-                join(self._run_path(rid), "_plan.json"),
-                {
-                    "run_id": rid,
-                    "fingerprint": fp,
-                    "inputs": cfg.inputs,
-                    "shards": [s.to_dict() for s in shards],
-                },
-            )
+            self.write_plan(run)
         return run
+
+    def write_plan(self, run: Run) -> None:
+        if run.plan is not None:
+            write_json(self.fs, join(self._run_path(run.run_id), "_plan.json"), run.plan)
+            run.plan = None
 
     def _error_rows(self, rid: str, plan: dict, kinds: set[str]) -> dict[str, list[tuple[int, str]]]:
         """Shard id -> (sample_index, kind) of a sealed run's rows with an error of `kinds`."""

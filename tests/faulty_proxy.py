@@ -14,6 +14,7 @@ class FaultyProxy:
         self.upstream = upstream.removeprefix("http://")
         self.fail_every, self.drop_every, self.broken = fail_every, drop_every, broken
         self.count = 0
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in order
         self.injected = {"503": 0, "drop": 0, "broken": 0}
         self.lock = threading.Lock()
         proxy = self
@@ -28,6 +29,7 @@ class FaultyProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with proxy.lock:
                     proxy.count += 1
+                    proxy.requests.append((self.command, self.path))
                     n = proxy.count
                 if proxy.broken and proxy.broken in self.path and self.command == "GET":
                     proxy.injected["broken"] += 1

@@ -46,11 +46,27 @@ class Engine(Protocol):
     def caption(self, prompt: str, images: list[Image.Image | Prepared]) -> list[Caption]: ...
 
 
-def make_engine(cfg: EngineConfig, gen: GenerationConfig, crash_marker: str | None = None) -> Engine:
+def resolve_backend(cfg: EngineConfig) -> str:
+    """The backend that serves `cfg.model`; raises ValueError naming the field when none can.
+
+    Reads only the model's config, no weights: cheap once the backend's package is imported."""
+    if cfg.backend == "fake":
+        if cfg.fake_refuse:
+            raise ValueError(f"engine.model: {cfg.model!r}: {cfg.fake_refuse}")
+        return "fake"
+    from omnilmm_ray.engines.lmdeploy_engine import resolve_backend as resolve_lmdeploy
+
+    return resolve_lmdeploy(cfg)
+
+
+def make_engine(
+    cfg: EngineConfig, gen: GenerationConfig, crash_marker: str | None = None, backend: str | None = None
+) -> Engine:
+    """`backend`: from `resolve_backend`, when the caller resolved it already."""
     if cfg.backend == "fake":
         from omnilmm_ray.engines.fake import FakeEngine
 
         return FakeEngine(cfg, crash_marker)
     from omnilmm_ray.engines.lmdeploy_engine import LmdeployEngine
 
-    return LmdeployEngine(cfg, gen)
+    return LmdeployEngine(cfg, gen, backend)

@@ -1,6 +1,6 @@
 """LmdeployEngine: lmdeploy's `pipeline` (TurboMind or PyTorch backend) behind the Engine interface.
 
-Imported only inside GPU actors and the GPU preflight task.
+Imported only inside GPU actors (and the preflight task of a run with nothing to caption).
 """
 
 from __future__ import annotations
@@ -61,10 +61,10 @@ def resolve_backend(cfg: EngineConfig) -> str:
 
 
 class LmdeployEngine:
-    def __init__(self, cfg: EngineConfig, gen: GenerationConfig):
+    def __init__(self, cfg: EngineConfig, gen: GenerationConfig, backend: str | None = None):
         import lmdeploy
 
-        self.backend = resolve_backend(cfg)
+        self.backend = backend or resolve_backend(cfg)
         self.name = f"lmdeploy-{self.backend}"
         common = dict(
             session_len=cfg.session_len,
