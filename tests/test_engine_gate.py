@@ -35,7 +35,9 @@ def test_a_model_no_engine_serves_fails_before_any_shard_is_read(ray_local, s3, 
         assert not list(out.glob("run=*")), "a refused model leaves no run behind"
 
         # the same job with a model the engine serves reads them and writes the plan once rows come back
-        summary = run_job(cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"fake_refuse": None})}))
+        summary = run_job(
+            cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"fake_refuse": None})})
+        )
         assert summary["rows"] == 6 and len(_shard_gets(proxy)) >= 2
         assert summary["this_attempt"]["backend"] == "fake"
 
