@@ -7,8 +7,7 @@ BIN := $(VENV)/bin
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	sh cluster/install.sh $(BIN)/python test -e
 	touch $@
 
 venv: $(BIN)/.installed
@@ -21,7 +20,7 @@ test: venv
 
 # On a CUDA machine: installs lmdeploy and runs the real-engine tests.
 test-gpu: venv
-	$(BIN)/python -m pip install -q -e '.[gpu]'
+	sh cluster/install.sh $(BIN)/python test,gpu -e
 	$(BIN)/python -m pytest -m gpu tests/gpu -v
 
 lint: venv
