@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 
 .PHONY: venv demo test test-gpu lint bench clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml cluster/install.sh
 	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
 	sh cluster/install.sh $(BIN)/python test -e
 	touch $@
 
