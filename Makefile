@@ -5,10 +5,10 @@ BIN := $(VENV)/bin
 
 .PHONY: venv demo test test-gpu lint bench clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml cluster/install.sh
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	sh cluster/install.sh $(BIN)/python test -e
 	touch $@
 
 venv: $(BIN)/.installed
@@ -21,7 +21,7 @@ test: venv
 
 # On a CUDA machine: installs lmdeploy and runs the real-engine tests.
 test-gpu: venv
-	$(BIN)/python -m pip install -q -e '.[gpu]'
+	sh cluster/install.sh $(BIN)/python test,gpu -e
 	$(BIN)/python -m pytest -m gpu tests/gpu -v
 
 lint: venv

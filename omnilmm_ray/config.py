@@ -1,6 +1,6 @@
 """Job configuration: one pydantic model, loaded from YAML and overridden by CLI flags.
 
-The `Field(description=...)` texts are the reference documentation (`python jobs/caption.py --print-config`).
+The `Field(description=...)` texts are the reference documentation (`omnilmm-caption --print-config`).
 Fields that hold credentials are declared `SecretOptions` (or pydantic's `SecretStr` for a single value):
 `model_dump` and `repr` show them as `***`, while the code that opens storage reads the attribute itself.
 """
@@ -96,7 +96,17 @@ class EngineConfig(_Strict):
         description="lmdeploy backend; 'auto' picks TurboMind when it supports the model, else PyTorch. "
         "'fake' is a deterministic CPU stand-in whose captions are placeholders.",
     )
-    model: str = Field(DEFAULT_MODEL, description="Hugging Face model id or local path of the VLM.")
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="The VLM: a Hugging Face id, a local folder (e.g. a shared volume on every node), or an "
+        "object-store folder (s3://bucket/models/Qwen2-VL-2B-Instruct/) that each node downloads once into "
+        "engine.cache_dir.",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Local folder for models downloaded from object storage, one copy per node (default "
+        "$OMNILMM_CACHE/models, else /tmp/omnilmm-ray/models). Needs room for the weights.",
+    )
     tp: int = Field(1, ge=1, description="Tensor parallel degree: GPUs per engine actor.")
     session_len: int | None = Field(4096, gt=0, description="Max tokens per request (prompt+image+output).")
     cache_max_entry_count: float = Field(

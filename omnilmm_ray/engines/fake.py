@@ -16,6 +16,7 @@ from PIL import Image
 from omnilmm_ray.config import EngineConfig
 from omnilmm_ray.engines import Caption, Prepared
 from omnilmm_ray.storage import resolve, write_bytes_atomic
+from omnilmm_ray.weights import local_model
 
 BANNER = "FAKE ENGINE: captions are placeholders computed from pixel statistics, not model output"
 
@@ -24,6 +25,8 @@ class FakeEngine:
     name = "fake"
 
     def __init__(self, cfg: EngineConfig, crash_marker: str | None = None):
+        # Fetched like the real engine's (and not used), so runs without a GPU exercise the weights path.
+        self.model_path = local_model(cfg.model, cfg.cache_dir)
         self.delay_s = cfg.fake_delay_s
         self.crash_at = cfg.fake_crash_at_batch
         self.crash_marker = crash_marker

@@ -14,6 +14,7 @@ from PIL import Image
 
 from omnilmm_ray.config import EngineConfig, GenerationConfig
 from omnilmm_ray.engines import Caption, EngineDied, Prepared
+from omnilmm_ray.weights import local_model
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +22,16 @@ log = logging.getLogger(__name__)
 def resolve_backend(cfg: EngineConfig) -> str:
     """Which lmdeploy backend serves `cfg.model`; raises ValueError naming the model when none can.
 
-    Reads only the model's config (no weights), so it runs before any shard is read.
+    Reads only the model's config, so it runs before any shard is read; a model in object storage is
+    downloaded to this node's cache first, so the engine actor that starts here next finds it there.
     """
     from lmdeploy.archs import check_vl_llm, get_model_arch
     from lmdeploy.pytorch.models.module_map import MODULE_MAP
     from lmdeploy.turbomind.supported_models import SUPPORTED_ARCHS, is_supported
 
+    path = local_model(cfg.model, cfg.cache_dir)
     try:
-        arch, hf_cfg = get_model_arch(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        arch, hf_cfg = get_model_arch(path, trust_remote_code=cfg.trust_remote_code)
     except Exception as e:
         raise ValueError(
             f"engine.model: cannot load the config of {cfg.model!r} ({type(e).__name__}: {e}); "
@@ -39,7 +42,7 @@ def resolve_backend(cfg: EngineConfig) -> str:
             f"engine.model: {cfg.model!r} ({arch}) is not a vision-language model lmdeploy can "
             "serve; pick one from lmdeploy's supported VLM list"
         )
-    turbomind_ok = is_supported(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    turbomind_ok = is_supported(path, trust_remote_code=cfg.trust_remote_code)
     if cfg.backend == "turbomind" and not turbomind_ok:
         raise ValueError(
             f"engine.backend: TurboMind does not support {cfg.model!r} ({arch}; supported: "
@@ -80,7 +83,7 @@ class LmdeployEngine:
         else:
             backend_config = lmdeploy.PytorchEngineConfig(**common)
         self.pipe = lmdeploy.pipeline(
-            cfg.model,
+            local_model(cfg.model, cfg.cache_dir),
             backend_config=backend_config,
             chat_template_config=lmdeploy.ChatTemplateConfig(cfg.chat_template)
             if cfg.chat_template

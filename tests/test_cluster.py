@@ -1,0 +1,281 @@
+"""cluster/ and the Dockerfile without a cluster or docker: the manifests validate against the KubeRay v1.7.0
+CRDs and Kubernetes' own schemas (unknown keys too), agree with each other and with the job config, and every
+command and path they name exists in what the image's install step installs."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from omnilmm_ray.cli import parse_args
+from omnilmm_ray.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+CRDS = Path(__file__).parent / "k8s" / "kuberay-v1.7.0"
+K8S_VERSION = "1.30.0"  # the oldest Kubernetes the manifests are for (CronJob timeZone is GA since 1.27)
+
+
+def _docs(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((CLUSTER / name).read_text()) if d]
+
+
+def _crd_schema(kind: str) -> dict:
+    crd = yaml.safe_load(gzip.decompress((CRDS / f"ray.io_{kind.lower()}s.yaml.gz").read_bytes()))
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return v1["schema"]["openAPIV3Schema"]
+
+
+def _unknown_keys(obj, schema: dict, where: str = "") -> list[str]:
+    """Keys the API server would prune silently: CRD schemas do not set additionalProperties."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    found = []
+    if isinstance(obj, dict):
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        for k, v in obj.items():
+            if props is not None and k in props:
+                found += _unknown_keys(v, props[k], f"{where}.{k}")
+            elif isinstance(extra, dict):
+                found += _unknown_keys(v, extra, f"{where}.{k}")
+            elif props is not None:
+                found.append(f"{where}.{k}")
+    elif isinstance(obj, list) and isinstance(schema.get("items"), dict):
+        for i, v in enumerate(obj):
+            found += _unknown_keys(v, schema["items"], f"{where}[{i}]")
+    return found
+
+
+def _check_crd(doc: dict, schema: dict) -> None:
+    jsonschema.validate(doc, schema)
+    assert _unknown_keys(doc, schema) == []
+    assert set(doc["metadata"]) <= {"name", "generateName", "labels", "annotations"}
+
+
+def _rayjob_specs() -> list[tuple[str, dict]]:
+    (job,) = _docs("rayjob.yaml")
+    (cron,) = _docs("raycronjob.yaml")
+    return [("rayjob.yaml", job["spec"]), ("raycronjob.yaml", cron["spec"]["jobTemplate"])]
+
+
+def test_kuberay_manifests_validate_against_the_crds():
+    (job,) = _docs("rayjob.yaml")
+    (cron,) = _docs("raycronjob.yaml")
+    assert (job["kind"], cron["kind"]) == ("RayJob", "RayCronJob")
+    _check_crd(job, _crd_schema("RayJob"))
+    _check_crd(cron, _crd_schema("RayCronJob"))
+    # the cluster part, also as the RayCluster CRD sees it
+    cluster = _crd_schema("RayCluster")["properties"]["spec"]
+    jsonschema.validate(job["spec"]["rayClusterSpec"], cluster)
+    assert _unknown_keys(job["spec"]["rayClusterSpec"], cluster) == []
+
+
+def test_the_unknown_key_check_catches_a_misplaced_field():
+    (job,) = _docs("rayjob.yaml")
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["shm"] = "16Gi"
+    assert _unknown_keys(job, _crd_schema("RayJob")) == [
+        ".spec.rayClusterSpec.workerGroupSpecs[0].template.spec.containers[0].shm"
+    ]
+
+
+def test_core_kinds_validate_strictly():
+    docs = _docs("cronjob.yaml")
+    assert [d["kind"] for d in docs] == ["ServiceAccount", "Role", "RoleBinding", "CronJob"]
+    for d in docs:
+        kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+
+
+def test_the_crd_copies_are_the_shared_originals():
+    shared = ROOT.parent / "shared" / "k8s" / "kuberay-v1.7.0"
+    if not shared.is_dir():
+        pytest.skip("no ../shared/k8s here (a clean clone): the copies in tests/k8s are what is checked")
+    for gz in CRDS.glob("*.yaml.gz"):
+        assert gzip.decompress(gz.read_bytes()) == (shared / gz.name.removesuffix(".gz")).read_bytes()
+
+
+def test_raycronjob_creates_exactly_the_rayjob():
+    (_, job), (_, template) = _rayjob_specs()
+    assert template == job
+
+
+def test_pods_have_what_gpu_ray_pods_need_sized_from_the_job_config():
+    cfg = load_config(CLUSTER / "job.example.yaml")
+    for name, spec in _rayjob_specs():
+        assert 0 < spec["activeDeadlineSeconds"] < 24 * 3600, name  # ends before the next night's run
+        ray_cluster = spec["rayClusterSpec"]
+        pods = [ray_cluster["headGroupSpec"]] + ray_cluster["workerGroupSpecs"]
+        for group in pods:
+            pod = group["template"]["spec"]
+            shm = {v["name"]: v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"}
+            (c,) = pod["containers"]
+            assert any(m["mountPath"] == "/dev/shm" and m["name"] in shm for m in c["volumeMounts"]), name
+            assert c["resources"]["requests"] == c["resources"]["limits"], name  # no surprise evictions
+        (gpu,) = ray_cluster["workerGroupSpecs"]
+        pod = gpu["template"]["spec"]
+        res = pod["containers"][0]["resources"]["limits"]
+        gpus = int(res["nvidia.com/gpu"])
+        assert gpus % cfg.engine.tp == 0
+        assert gpu["maxReplicas"] * gpus // cfg.engine.tp == cfg.scale.max_actors
+        assert int(res["cpu"]) >= (gpus // cfg.engine.tp) * cfg.scale.actor_cpus + cfg.preprocess.num_cpus
+        assert (
+            "nvidia.com/gpu" in str(pod["nodeSelector"]) and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+        )
+    launcher = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    assert launcher["available_node_types"]["gpu"]["max_workers"] == cfg.scale.max_actors
+
+
+def test_cronjob_waits_for_its_rayjob_and_its_role_allows_what_it_runs():
+    sa, role, binding, cron = _docs("cronjob.yaml")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    job = cron["spec"]["jobTemplate"]["spec"]
+    (_, rayjob), _ = _rayjob_specs()
+    # the CronJob's pod outlives its RayJob, so Forbid keeps two runs apart
+    assert job["activeDeadlineSeconds"] > rayjob["activeDeadlineSeconds"]
+    pod = job["template"]["spec"]
+    assert pod["serviceAccountName"] == sa["metadata"]["name"] == binding["subjects"][0]["name"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    script = pod["containers"][0]["args"][0]
+    assert "jobDeploymentStatus" in script  # it waits for the RayJob to end
+    verbs = set(re.findall(r"kubectl (\w+)", script))
+    (rule,) = role["rules"]
+    assert rule["resources"] == ["rayjobs"] and verbs <= set(rule["verbs"]), verbs
+    mount = pod["containers"][0]["volumeMounts"][0]["mountPath"]
+    assert f"-f {mount}/rayjob.yaml" in script
+    # the RayJob it creates must get a fresh name each night
+    assert "generateName" in yaml.safe_load((CLUSTER / "rayjob.yaml").read_text())["metadata"]
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    return [
+        tuple(line.split(None, 1))
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+
+
+def _commands() -> list[tuple[str, list[str]]]:
+    """Every `omnilmm-caption` command line in the manifests, scripts and the image, as argv lists."""
+    found = [(name, shlex.split(spec["entrypoint"])) for name, spec in _rayjob_specs()]
+    submit = (CLUSTER / "nightly-submit.sh").read_text()
+    inner = re.search(r'"([^"]*omnilmm-caption[^"]*)"', submit).group(1)
+    found.append(("nightly-submit.sh", shlex.split(inner.split(" -- ", 1)[1])))
+    cmd = [json.loads(arg) for op, arg in _dockerfile() if op == "CMD"]
+    found.append(("Dockerfile CMD", cmd[-1]))
+    return found
+
+
+@pytest.fixture(scope="module")
+def image_install(tmp_path_factory) -> Path:
+    """The Dockerfile's install: its COPY lines laid out in a build context, then its RUN line (dependencies
+    are the venv's: --no-deps, into a folder)."""
+    ctx = tmp_path_factory.mktemp("context")
+    for op, arg in _dockerfile():
+        if op == "COPY":
+            *srcs, dest = [a for a in arg.split() if not a.startswith("--")]
+            for src in srcs:  # Docker's rule: a destination ending in / is a folder to copy into
+                target = ctx / dest / Path(src).name if dest.endswith("/") else ctx / dest
+                target.parent.mkdir(parents=True, exist_ok=True)
+                (shutil.copytree if (ROOT / src).is_dir() else shutil.copy)(ROOT / src, target)
+    (run,) = [arg for op, arg in _dockerfile() if op == "RUN"]
+    argv = shlex.split(run)
+    assert argv[:3] == ["sh", "cluster/install.sh", "python"], "the image installs through cluster/install.sh"
+    site = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        ["sh", "cluster/install.sh", sys.executable, *argv[3:], "--no-deps", "--target", str(site)],
+        cwd=ctx,
+        check=True,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
+    return site
+
+
+def test_image_base_and_install_step_follow_pyproject_and_ci():
+    pyproject = (ROOT / "pyproject.toml").read_text()  # tomllib is 3.11+; the package supports 3.10
+    (base,) = [arg for op, arg in _dockerfile() if op == "FROM"]
+    version = re.match(r"rayproject/ray:(\d+\.\d+\.\d+)-py\d+-gpu$", base).group(1)
+    lo, hi = re.search(r'"ray\[[\w,]+\]>=([\d.]+),<([\d.]+)"', pyproject).groups()
+    as_tuple = lambda v: tuple(int(x) for x in v.split("."))  # noqa: E731
+    assert as_tuple(lo) <= as_tuple(version) < as_tuple(hi)
+    for _, spec in _rayjob_specs():
+        assert spec["rayClusterSpec"]["rayVersion"] == version
+    assert re.search(r'^gpu = \["lmdeploy==[\d.]+"\]', pyproject, re.M)  # pinned, through the extra
+    (run,) = [arg for op, arg in _dockerfile() if op == "RUN"]
+    assert shlex.split(run)[3] == "gpu"
+    # CI (`make test`) builds its venv with the same script
+    assert re.search(
+        r"^\tsh cluster/install.sh \$\(BIN\)/python test ", (ROOT / "Makefile").read_text(), re.M
+    )
+
+
+@pytest.mark.slow
+def test_every_command_in_the_manifests_exists_in_the_image_install(image_install):
+    script = image_install / "bin" / "omnilmm-caption"
+    assert script.is_file()
+    env = {**os.environ, "PYTHONPATH": str(image_install)}
+    out = subprocess.run([str(script), "--help"], env=env, capture_output=True, text=True, check=True).stdout
+    commands = _commands()
+    assert {name for name, _ in commands} >= {"rayjob.yaml", "raycronjob.yaml", "nightly-submit.sh"}
+    for name, argv in commands:
+        assert argv[0] == "omnilmm-caption", name
+        for flag in [a for a in argv[1:] if a.startswith("--")]:
+            assert flag in out, (name, flag)
+        if argv[1:] != ["--help"]:
+            parse_args(argv[1:])  # exits 2 on a flag the CLI does not take or a missing value
+    # the installed package is the whole package: nothing the engine or the job imports was left out
+    here = {p.relative_to(ROOT).as_posix() for p in (ROOT / "omnilmm_ray").rglob("*.py")}
+    there = {p.relative_to(image_install).as_posix() for p in (image_install / "omnilmm_ray").rglob("*.py")}
+    assert here == there
+
+
+def test_config_paths_the_commands_name_are_provided():
+    # Kubernetes: --config /config/job.yaml comes from the caption-job-config ConfigMap (key job.yaml, made
+    # from cluster/job.example.yaml as rayjob.yaml says) mounted on the head, where the driver runs.
+    for name, spec in _rayjob_specs():
+        config = parse_args(shlex.split(spec["entrypoint"])[1:]).config
+        head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in head["volumes"]}
+        (mount,) = [
+            m for m in head["containers"][0]["volumeMounts"] if config.startswith(m["mountPath"] + "/")
+        ]
+        cm = volumes[mount["name"]]["configMap"]["name"]
+        key = config.removeprefix(mount["mountPath"] + "/")
+        made = f"kubectl create configmap {cm} --from-file={key}=cluster/job.example.yaml"
+        assert made in (CLUSTER / "rayjob.yaml").read_text(), name
+    # VMs: --config /home/ray/job.yaml is a file_mounts target of the launcher
+    (_, argv) = [c for c in _commands() if c[0] == "nightly-submit.sh"][0]
+    launcher = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    src = launcher["file_mounts"][parse_args(argv[1:]).config]
+    assert load_config(ROOT / src).scale.max_actors >= 1
+    # the CronJob's RayJob template, and the scripts the schedulers start
+    assert "--from-file=rayjob.yaml=cluster/rayjob.yaml" in (CLUSTER / "cronjob.yaml").read_text()
+    service = (CLUSTER / "omnilmm-nightly.service").read_text()
+    assert (ROOT / re.search(r"ExecStart=/bin/sh (\S+)", service).group(1)).is_file()
+    assert "ray-cluster.yaml" in (CLUSTER / "nightly-submit.sh").read_text()
+
+
+def test_launcher_config_validates_against_rays_schema():
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    launcher = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    jsonschema.validate(launcher, schema)
+    assert (
+        launcher["docker"]["image"]
+        == _docs("rayjob.yaml")[0]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"][
+            "containers"
+        ][0]["image"]
+    )
