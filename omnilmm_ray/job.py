@@ -5,6 +5,7 @@ Expects Ray to be initialised by the entrypoint (jobs/caption.py); library code 
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 import uuid
@@ -18,6 +19,8 @@ from omnilmm_ray.config import ConfigError, JobConfig
 from omnilmm_ray.errors import as_config_error, storage_access
 from omnilmm_ray.faults import clear_flight_records, kill_point
 from omnilmm_ray.lease import Lease
+from omnilmm_ray.metrics import DriverMetrics
+from omnilmm_ray.progress import ProgressReporter, plan_counts
 from omnilmm_ray.redact import redact_text
 from omnilmm_ray.schema import SHARD_KINDS
 from omnilmm_ray.storage import join, read_json, write_bytes_atomic, write_json
@@ -127,6 +130,17 @@ def processor_offload(cfg: JobConfig, backend: str):
     return spec
 
 
+def _gpus_in_use() -> float:
+    """GPUs held on the cluster now: on the job's own Ray cluster (a RayJob's), its engine actors'."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) - ray.available_resources().get("GPU", 0)
+
+
+def _utc(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def describe(cfg: JobConfig, run: Run) -> dict:
     from omnilmm_ray.pipeline import engine_resources
 
@@ -210,22 +224,35 @@ def run_job(
         )
         reuse = table.reuse_cache(cfg) if cfg.sink.reuse_captions else {}
         committer = ShardCommitter(run.uri, todo, cfg.sink.storage_options, cfg.sink.commit_rows, progress)
+        reporter = ProgressReporter(
+            todo,
+            plan_counts(todo, cfg.input.storage_options),
+            progress.done_indices,
+            shards_before=len(run.shards) - len(todo),
+            shards_total=len(run.shards),
+            every_s=cfg.report.progress_s,
+            metrics=DriverMetrics() if cfg.report.metrics else None,
+            gpus=None if backend == "fake" else _gpus_in_use,
+        )
         t0, processed = time.time(), 0
         if todo:
             from omnilmm_ray.pipeline import caption_batches
 
             vision = processor_offload(cfg, backend)
             batches = caption_batches(todo, cfg, run.uri, reuse, progress.done_indices, vision)
+            reporter.start()
             try:
                 for batch in batches:
                     processed += sum(1 for e in batch.column("shard_rows").to_pylist() if e is None)
                     lease.ensure()  # `add` may write a part or a shard file
                     committer.add(batch)
+                    reporter.observe(batch, len(committer.committed))
             finally:
                 # Shut Ray Data's executor and its engine actors down now, on an error too, instead of
                 # whenever the iterator is garbage-collected; then drop this attempt's flight records.
                 batches.close()
                 clear_flight_records()
+                reporter.stop()
         if committer.uncommitted():
             raise RuntimeError(
                 f"pipeline ended with shards not fully captioned: {committer.uncommitted()[:5]}"
@@ -243,8 +270,14 @@ def run_job(
             "wall_s": round(wall, 3),
             "images_per_s": round(processed / wall, 3) if wall > 0 else None,
             "backend": backend,
+            "started_at": _utc(t0),
+            "gpu_seconds": round(reporter.gpu_seconds, 1),
         }
         summary = summarize(cfg, run, rows, attempt)
+        # A resumed run keeps what its earlier attempts' summary recorded (one that crashed left none).
+        summary["attempts"] = [*(ended or {}).get("attempts", []), attempt]
+        summary["gpu_seconds"] = round(sum(a.get("gpu_seconds") or 0 for a in summary["attempts"]), 1)
+        summary["finished_at"] = _utc(time.time())
         over = (
             summary["error_rate"] > cfg.sink.max_error_rate
             or summary["failed_shards"] > cfg.sink.max_failed_shards
