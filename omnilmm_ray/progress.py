@@ -177,10 +177,10 @@ class ProgressReporter:
         if left <= 0 and shards >= self.shards_total:
             eta = "done"
         else:
-            eta = _duration(max(0, left) / rate) if rate > 0 else "?"
+            eta = mark + _duration(max(0, left) / rate) if rate > 0 else "?"
         return (
             f"progress: {images:,}/{mark}{planned:,} images{share}, shards {shards}/{self.shards_total} "
-            f"committed, {rate:.1f} images/s (last {RATE_WINDOW_S:.0f}s), ETA {mark}{eta}, errors: "
+            f"committed, {rate:.1f} images/s (last {RATE_WINDOW_S:.0f}s), ETA {eta}, errors: "
             + (", ".join(f"{k} {n:,}" for k, n in errors) if errors else "none")
         )
 
