@@ -213,6 +213,8 @@ def report_main(argv: list[str] | None = None) -> int:
     try:
         with storage_access("output", args.output):
             records = history(args.output)
+        if not records:  # a missing bucket or folder lists as empty: most likely a wrong URI
+            raise ConfigError(f"output: no run in {args.output}; check the URI (runs are run=<id>/ folders)")
     except ConfigError as e:
         print(redact.redact_text(_error(e)), file=sys.stderr)
         return 2

@@ -138,7 +138,7 @@ def _gpus_in_use() -> float:
 
 
 def _utc(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def describe(cfg: JobConfig, run: Run) -> dict:

@@ -113,8 +113,6 @@ COLUMNS = ("run", "start", "duration", "images", "ok", "errors", "cached", "imag
 
 
 def format_text(records: list[dict], output: str) -> str:
-    if not records:
-        return f"no runs in {output}"
     rows = [
         (
             r["run"],
@@ -130,7 +128,7 @@ def format_text(records: list[dict], output: str) -> str:
         )
         for r in records
     ]
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(COLUMNS)]
+    widths = [max([len(c), *(len(row[i]) for row in rows)]) for i, c in enumerate(COLUMNS)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)).rstrip()]
     for r, row in zip(records, rows):
         lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
