@@ -1,6 +1,6 @@
 """Job configuration: one pydantic model, loaded from YAML and overridden by CLI flags.
 
-The `Field(description=...)` texts are the reference documentation (`python jobs/caption.py --print-config`).
+The `Field(description=...)` texts are the reference documentation (`--print-schema`).
 Fields that hold credentials are declared `SecretOptions` (or pydantic's `SecretStr` for a single value):
 `model_dump` and `repr` show them as `***`, while the code that opens storage reads the attribute itself.
 """
