@@ -27,7 +27,7 @@ from omnilmm_ray.storage import resolve
 log = logging.getLogger(__name__)
 
 RATE_WINDOW_S = 60.0
-GPU_SAMPLE_S = 5.0  # GPUs in use are sampled this often for the run's GPU-seconds
+GPU_SAMPLE_S = 5.0  # GPUs in use are sampled (and gauges re-exported) this often
 MAX_FOOTERS = 256  # Parquet footers read at plan time (one ranged GET each); the rest are estimated
 
 
@@ -110,8 +110,13 @@ class ProgressReporter:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        if metrics is not None:
-            metrics.planned(self.planned()[0], shards_total)
+        self._export_planned()
+
+    def _export_planned(self) -> None:
+        # Ray's metrics agent drops a gauge not reported again within two export intervals (~20 s): re-set
+        # it on every tick, which also publishes counts that became exact.
+        if self.metrics is not None:
+            self.metrics.planned(self.planned()[0], self.shards_total)
 
     def planned(self) -> tuple[int, bool]:
         """(images this attempt plans, whether that is an estimate). Unknown shards get the bytes per image
@@ -201,6 +206,7 @@ class ProgressReporter:
         last_line = self.clock()
         while not self._stop.wait(min(self.every_s, GPU_SAMPLE_S)):
             self._sample_gpus()
+            self._export_planned()
             if self.clock() - last_line >= self.every_s:
                 last_line = self.clock()
                 log.info("%s", self.line())
