@@ -294,7 +294,7 @@ def run_job(
                 f"{summary['failed_shards']} shard(s) could not be read to their end (sink.max_failed_shards="
                 f"{cfg.sink.max_failed_shards}); rows are committed in {run.uri} but the run is not sealed: rerun "
                 "to read failed shards again, or raise the budget to seal it as it is; top errors: "
-                f"{dict(list(summary['errors_by_kind'].items())[:3])}"
+                f"{dict(list(summary['errors_by_kind'].items())[:3])}; summary: {join(run.uri, '_summary.json')}"
             )
         lease.ensure()
         write_bytes_atomic(fs, join(path, "_SUCCESS"), b"")
