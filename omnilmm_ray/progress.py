@@ -116,7 +116,9 @@ class ProgressReporter:
         # Ray's metrics agent drops a gauge not reported again within two export intervals (~20 s): re-set
         # it on every tick, which also publishes counts that became exact.
         if self.metrics is not None:
-            self.metrics.planned(self.planned()[0], self.shards_total)
+            with self._lock:  # `observe` updates the counts from the commit loop's thread
+                planned = self.planned()[0]
+            self.metrics.planned(planned, self.shards_total)
 
     def planned(self) -> tuple[int, bool]:
         """(images this attempt plans, whether that is an estimate). Unknown shards get the bytes per image
