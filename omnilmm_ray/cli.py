@@ -1,4 +1,5 @@
-"""Command line: `python jobs/caption.py --input ... --output ...` (also under `ray job submit`).
+"""Command line: `omnilmm-caption --input ... --output ...` (also under `ray job submit`), and
+`omnilmm-caption report --output URI` for the history of an output's runs.
 
 Exit codes: 0 run finished (bad images are rows), 2 bad config / input / output, 3 error budget exceeded,
 4 output locked by another job, 130 / 143 interrupted (SIGINT / SIGTERM), 1 anything else. The last line
@@ -45,7 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "every retryable kind (the default)",
     )
     p.add_argument("--dry-run", action="store_true", help="list what would run and run nothing")
-    p.add_argument("--print-config", action="store_true", help="print the JSON schema of the config and exit")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective config (file + flags + defaults) as YAML, secrets masked, and exit",
+    )
+    p.add_argument("--print-schema", action="store_true", help="print the config's JSON schema and exit")
     return p.parse_args(argv)
 
 
@@ -81,12 +87,37 @@ def _error(e: BaseException) -> str:
     return "error: " + " ".join(str(e).split())
 
 
+def _overrides(args: argparse.Namespace) -> dict:
+    skip = ("config", "dry_run", "print_config", "print_schema")
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def _print_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    try:
+        cfg = load_config(args.config, _overrides(args), require_io=False)
+    except ConfigError as e:
+        print(redact.redact_text(_error(e)), file=sys.stderr)
+        return 2
+    redact.register(redact.option_secrets(cfg.input.storage_options))
+    redact.register(redact.option_secrets(cfg.sink.storage_options))
+    # model_dump masks storage_options; redact_text catches a secret anywhere else (a token in a prompt)
+    print(redact.redact_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        return report_main(argv[1:])
     args = parse_args(argv)
-    if args.print_config:
+    if args.print_schema:
         print(json.dumps(JobConfig.model_json_schema(), indent=1))
         return 0
     redact.register(redact.env_secrets())
+    if args.print_config:
+        return _print_config(args)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with redact.redacting_output():
@@ -104,7 +135,7 @@ def _main(args: argparse.Namespace) -> int:
     from omnilmm_ray.job import ErrorBudgetExceeded, precheck, run_job
     from omnilmm_ray.lease import LeaseHeld, LeaseLost
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "dry_run", "print_config")}
+    overrides = _overrides(args)
     connected = False
     try:
         cfg = load_config(args.config, overrides)
@@ -149,11 +180,48 @@ def _main(args: argparse.Namespace) -> int:
             import ray
 
             ray.shutdown()
+    print(done_line(summary, cfg.output))
+    return 0
+
+
+def done_line(summary: dict, output: str) -> str:
+    from omnilmm_ray.storage import join
+
     c = summary["counts"]
-    print(
+    top = list(summary["errors_by_kind"].items())[:3]
+    errors = ", ".join(f"{k} {v['count']}" for k, v in top) or "none"
+    return (
         f"done: run {summary['run']}: {summary['rows']} rows ({c['ok']} ok, {c['error']} errors, {c['cached']} "
-        f"reused), {summary['this_attempt']['images_per_s']} images/s -> {cfg.output}"
+        f"reused), {summary['this_attempt']['images_per_s']} images/s -> {output}; top errors: {errors}; "
+        f"summary: {join(output.rstrip('/'), 'run=' + summary['run'], '_summary.json')}"
     )
+
+
+def report_main(argv: list[str] | None = None) -> int:
+    """`omnilmm-caption report --output URI [--json]`: one line per run of an output, oldest first."""
+    ap = argparse.ArgumentParser(
+        prog="omnilmm-caption report", description="History of the runs of a captioning output."
+    )
+    ap.add_argument("--output", required=True, help="the job's output table URI")
+    ap.add_argument("--json", action="store_true", help="print a JSON list of runs instead of a table")
+    ap.add_argument("--last", type=int, help="only the newest N runs")
+    args = ap.parse_args(argv)
+    from omnilmm_ray.errors import storage_access
+    from omnilmm_ray.report import format_text, history
+
+    redact.register(redact.env_secrets())
+    try:
+        with storage_access("output", args.output):
+            records = history(args.output)
+        if not records:  # a missing bucket or folder lists as empty: most likely a wrong URI
+            raise ConfigError(f"output: no run in {args.output}; check the URI (runs are run=<id>/ folders)")
+    except ConfigError as e:
+        print(redact.redact_text(_error(e)), file=sys.stderr)
+        return 2
+    if args.last:
+        records = records[-args.last :]
+    text = json.dumps(records, indent=1) if args.json else format_text(records, args.output)
+    print(redact.redact_text(text))
     return 0
 
 

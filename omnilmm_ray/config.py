@@ -1,6 +1,6 @@
 """Job configuration: one pydantic model, loaded from YAML and overridden by CLI flags.
 
-The `Field(description=...)` texts are the reference documentation (`omnilmm-caption --print-config`).
+The `Field(description=...)` texts are the reference documentation (`--print-schema`).
 Fields that hold credentials are declared `SecretOptions` (or pydantic's `SecretStr` for a single value):
 `model_dump` and `repr` show them as `***`, while the code that opens storage reads the attribute itself.
 """
@@ -259,6 +259,20 @@ class OutputConfig(_Strict):
         return set(RETRYABLE_KINDS) if self.retry_errors == "retryable" else set(self.retry_errors)
 
 
+class ReportConfig(_Strict):
+    progress_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds between the driver's progress lines (images done / planned, shards committed, "
+        "images/s over the last minute, ETA, errors by kind).",
+    )
+    metrics: bool = Field(
+        True,
+        description="Export Prometheus metrics through Ray's metrics agent (ray_omnilmm_* on each node's "
+        "metrics port; cluster/grafana-omnilmm.json).",
+    )
+
+
 class JobConfig(_Strict):
     inputs: list[str] = Field(..., min_length=1, description="Input URIs or globs (any fsspec protocol).")
     output: str = Field(..., min_length=1, description="Output table URI (local path, s3://, gs://, az://).")
@@ -269,6 +283,7 @@ class JobConfig(_Strict):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     scale: ScaleConfig = Field(default_factory=ScaleConfig)
     sink: OutputConfig = Field(default_factory=OutputConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
     @field_validator("inputs", "output")
     @classmethod
@@ -311,8 +326,12 @@ CLI_FIELDS = {
 }
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
-    """YAML file (optional) + CLI overrides (flag name -> value, None = not given) -> validated JobConfig."""
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, require_io: bool = True
+) -> JobConfig:
+    """YAML file (optional) + CLI overrides (flag name -> value, None = not given) -> validated JobConfig.
+
+    `require_io=False` (--print-config) fills missing inputs/output with a placeholder saying what to set."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -332,6 +351,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     for k in ("inputs", "output"):
         if k not in data:
             flag = "--input" if k == "inputs" else "--output"
+            if not require_io:
+                data[k] = [f"<not set: {flag}>"] if k == "inputs" else f"<not set: {flag}>"
+                continue
             raise ConfigError(f"{k}: missing; pass {flag} or set '{k}' in the config file")
     try:
         return JobConfig.model_validate(data)
@@ -358,3 +380,37 @@ def generation_fingerprint(cfg: JobConfig) -> dict[str, Any]:
         "generation": cfg.generation.model_dump(),
         "chat_template": cfg.engine.chat_template,
     }
+
+
+# generation_fingerprint key -> the config field a user changes
+FINGERPRINT_FIELDS = {
+    "model": "engine.model",  # 'fake' when engine.backend is fake
+    "prompt": "prompt",
+    "max_side": "preprocess.max_side",
+    "chat_template": "engine.chat_template",
+}
+
+
+def fingerprint_diff(earlier: dict[str, Any], now: dict[str, Any], limit: int = 120) -> str:
+    """The settings two fingerprints differ in, as `field: earlier -> now` (long values cut to `limit`)."""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[prefix + k] = v
+        return out
+
+    def show(v: Any) -> str:
+        r = repr(v)
+        return r if len(r) <= limit else r[: limit - 3] + "..."
+
+    a, b = flat(earlier), flat(now)
+    diffs = [
+        f"{FINGERPRINT_FIELDS.get(k, k)}: {show(a.get(k))} -> {show(b.get(k))}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
+    return "; ".join(diffs) or "no difference"

@@ -5,6 +5,7 @@ Expects Ray to be initialised by the entrypoint (jobs/caption.py); library code 
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 import uuid
@@ -21,6 +22,8 @@ from omnilmm_ray.errors import as_config_error, storage_access
 from omnilmm_ray.faults import clear_flight_records, kill_point
 from omnilmm_ray.gate import EngineNotStarted
 from omnilmm_ray.lease import Lease
+from omnilmm_ray.metrics import DriverMetrics
+from omnilmm_ray.progress import ProgressReporter, plan_counts
 from omnilmm_ray.redact import redact_text
 from omnilmm_ray.schema import SHARD_KINDS
 from omnilmm_ray.storage import join, read_json, write_bytes_atomic, write_json
@@ -137,6 +140,17 @@ def processor_offload(cfg: JobConfig):
     return spec
 
 
+def _gpus_in_use() -> float:
+    """GPUs held on the cluster now: on the job's own Ray cluster (a RayJob's), its engine actors'."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) - ray.available_resources().get("GPU", 0)
+
+
+def _utc(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
 def describe(cfg: JobConfig, run: Run) -> dict:
     from omnilmm_ray.pipeline import engine_resources
 
@@ -191,7 +205,7 @@ def summarize(cfg: JobConfig, run: Run, rows: pa.Table, attempt: dict) -> dict:
 def run_job(
     cfg: JobConfig, dry_run: bool = False, table: OutputTable | None = None, wait_for_gpus: bool = True
 ) -> dict:
-    """`table`: from `precheck`, when the entrypoint ran it; `wait_for_gpus`: see `start_preflight`."""
+    """`table`: from `precheck`, when the entrypoint ran it; `wait_for_gpus`: see `require_gpus`."""
     if dry_run:
         table = check_output(cfg, write=False)
         with storage_access("inputs", cfg.inputs):  # the output answered: a storage error is the inputs'
@@ -223,6 +237,16 @@ def run_job(
             kill_point("plan")
         reuse = table.reuse_cache(cfg) if cfg.sink.reuse_captions and todo else {}
         committer = ShardCommitter(run.uri, todo, cfg.sink.storage_options, cfg.sink.commit_rows, progress)
+        reporter = ProgressReporter(
+            todo,
+            plan_counts(todo, cfg.input.storage_options),
+            progress.done_indices,
+            shards_before=len(run.shards) - len(todo),
+            shards_total=len(run.shards),
+            every_s=cfg.report.progress_s,
+            metrics=DriverMetrics() if cfg.report.metrics else None,
+            gpus=None if cfg.engine.backend == "fake" else _gpus_in_use,
+        )
         t0, processed = time.time(), 0
         if todo:
             from omnilmm_ray.pipeline import caption_batches
@@ -230,6 +254,7 @@ def run_job(
             batches = caption_batches(
                 todo, cfg, run.uri, reuse, progress.done_indices, processor_offload(cfg)
             )
+            reporter.start()
             try:
                 for batch in batches:
                     if backend is None:  # rows came back: the gate opened, an engine serves the model
@@ -241,6 +266,7 @@ def run_job(
                     processed += sum(1 for e in batch.column("shard_rows").to_pylist() if e is None)
                     lease.ensure()  # `add` may write a part or a shard file
                     committer.add(batch)
+                    reporter.observe(batch, len(committer.committed))
             except Exception as e:
                 refused = _engine_refused(cfg, e)
                 if refused:
@@ -251,6 +277,7 @@ def run_job(
                 # whenever the iterator is garbage-collected; then drop this attempt's flight records.
                 batches.close()
                 clear_flight_records()
+                reporter.stop()
         if committer.uncommitted():
             raise RuntimeError(
                 f"pipeline ended with shards not fully captioned: {committer.uncommitted()[:5]}"
@@ -268,8 +295,14 @@ def run_job(
             "wall_s": round(wall, 3),
             "images_per_s": round(processed / wall, 3) if wall > 0 else None,
             "backend": backend,
+            "started_at": _utc(t0),
+            "gpu_seconds": round(reporter.gpu_seconds, 1),
         }
         summary = summarize(cfg, run, rows, attempt)
+        # A resumed run keeps what its earlier attempts' summary recorded (one that crashed left none).
+        summary["attempts"] = [*(ended or {}).get("attempts", []), attempt]
+        summary["gpu_seconds"] = round(sum(a.get("gpu_seconds") or 0 for a in summary["attempts"]), 1)
+        summary["finished_at"] = _utc(time.time())
         over = (
             summary["error_rate"] > cfg.sink.max_error_rate
             or summary["failed_shards"] > cfg.sink.max_failed_shards
@@ -286,7 +319,7 @@ def run_job(
                 f"{summary['failed_shards']} shard(s) could not be read to their end (sink.max_failed_shards="
                 f"{cfg.sink.max_failed_shards}); rows are committed in {run.uri} but the run is not sealed: rerun "
                 "to read failed shards again, or raise the budget to seal it as it is; top errors: "
-                f"{dict(list(summary['errors_by_kind'].items())[:3])}"
+                f"{dict(list(summary['errors_by_kind'].items())[:3])}; summary: {join(run.uri, '_summary.json')}"
             )
         lease.ensure()
         write_bytes_atomic(fs, join(path, "_SUCCESS"), b"")

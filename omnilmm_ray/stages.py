@@ -20,6 +20,7 @@ from omnilmm_ray import gate, schema
 from omnilmm_ray.config import JobConfig, PreprocessConfig
 from omnilmm_ray.engines import Caption, EngineDied, Prepared, make_engine, resolve_backend
 from omnilmm_ray.faults import FlightRecorder
+from omnilmm_ray.metrics import EngineMetrics
 from omnilmm_ray.preprocess import binary_views, pixels_to_image, preprocess_batch
 from omnilmm_ray.readers import read_shard
 from omnilmm_ray.sources import Shard
@@ -137,6 +138,7 @@ class CaptionStage:
         self._calls = threading.Condition()
         self._active, self._alone = 0, False
         self.timer = StageTimer()
+        self.metrics = EngineMetrics(cfg.report.metrics)
         pkg = logging.getLogger("omnilmm_ray")
         if not pkg.handlers:  # Ray workers leave the root logger at WARNING: show this actor's INFO lines
             handler = logging.StreamHandler()
@@ -157,6 +159,13 @@ class CaptionStage:
         return Prepared(pixels, (pw, ph), hashlib.sha256(key).digest())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        self.metrics.enter()  # batches in this actor: running, or waiting for a call thread
+        try:
+            return self._call(batch)
+        finally:
+            self.metrics.leave()
+
+    def _call(self, batch: pa.Table) -> pa.Table:
         self.timer.start("convert")
         pixels = binary_views(batch.column("pixels"))
         rows = batch.drop_columns(["pixels"]).to_pylist()  # the pixels stay in the batch's buffers
@@ -208,6 +217,7 @@ class CaptionStage:
                 self._calls.notify_all()
 
     def _call_engine(self, todo: list[tuple[dict, Image.Image]]) -> None:
+        started = time.perf_counter()
         try:
             captions = self.engine.caption(self.cfg.prompt, [im for _, im in todo])
         except EngineDied as e:
@@ -220,3 +230,5 @@ class CaptionStage:
             os._exit(1)
         for (r, _), c in zip(todo, captions):
             _caption_row(r, self.cfg, c, cached=False)
+        tokens = [sum(getattr(c, k) or 0 for c in captions) for k in ("input_tokens", "output_tokens")]
+        self.metrics.engine_call(started, len(todo), *tokens)

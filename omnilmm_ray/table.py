@@ -22,7 +22,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from omnilmm_ray.commit import shard_file
-from omnilmm_ray.config import ConfigError, JobConfig, generation_fingerprint
+from omnilmm_ray.config import ConfigError, JobConfig, fingerprint_diff, generation_fingerprint
 from omnilmm_ray.schema import SHARD_KINDS
 from omnilmm_ray.sources import Retry, Shard, plan_shards, without_done
 from omnilmm_ray.storage import join, read_json, resolve, write_json
@@ -80,8 +80,9 @@ class OutputTable:
         for rid, plan in plans.items():
             if plan and plan["fingerprint"] != fp:
                 raise ConfigError(
-                    f"output: {self.uri} holds run {rid} made with other settings ({plan['fingerprint']}); "
-                    "captions with different model/prompt/generation settings go to a new --output"
+                    f"output: {self.uri} holds run {rid} made with other settings (earlier run -> this job: "
+                    f"{fingerprint_diff(plan['fingerprint'], fp)}); captions with different model/prompt/"
+                    "generation settings go to a new --output, or set those fields back"
                 )
         if ids and ids[-1] not in sealed and plans[ids[-1]] is not None:
             shards = [Shard.from_dict(s) for s in plans[ids[-1]]["shards"]]

@@ -1,8 +1,14 @@
 """Config loading: YAML + CLI overrides, and errors that name the field."""
 
-import pytest
+import json
 
-from omnilmm_ray.config import ConfigError, load_config
+import pytest
+import yaml
+
+from omnilmm_ray import cli
+from omnilmm_ray.config import ConfigError, generation_fingerprint, load_config
+from omnilmm_ray.storage import write_json
+from omnilmm_ray.table import OutputTable
 
 
 def test_cli_wins_over_yaml(tmp_path):
@@ -43,3 +49,47 @@ def test_example_config_is_valid():
 
     cfg = load_config(ROOT / "cluster" / "job.example.yaml", {})
     assert cfg.scale.max_actors == 8 and cfg.sink.max_error_rate == 0.05
+
+
+def test_print_config_prints_the_effective_config_as_yaml_with_secrets_masked(tmp_path, capsys):
+    f = tmp_path / "job.yaml"
+    f.write_text(
+        "scale: {batch_size: 8}\nsink: {storage_options: {secret: hunter2-secret, endpoint_url: http://x}}\n"
+        "report: {progress_s: 5}\n"
+    )
+    assert cli.main(["--print-config", "--config", str(f), "--batch-size", "16", "--prompt", "P"]) == 0
+    out = capsys.readouterr().out
+    assert "hunter2" not in out
+    cfg = yaml.safe_load(out)
+    assert cfg["scale"]["batch_size"] == 16 and cfg["prompt"] == "P"  # the flag wins over the file
+    assert cfg["report"]["progress_s"] == 5 and cfg["engine"]["model"] == "Qwen/Qwen2-VL-2B-Instruct"
+    assert cfg["sink"]["storage_options"] == {"secret": "***", "endpoint_url": "***"}
+    assert cfg["inputs"] == ["<not set: --input>"] and cfg["output"] == "<not set: --output>"
+    assert cli.main(["--print-config", "--batch-size", "0"]) == 2
+    assert "scale.batch_size" in capsys.readouterr().err
+
+
+def test_print_schema_prints_the_json_schema(capsys):
+    assert cli.main(["--print-schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert "report" in schema["properties"] and "ReportConfig" in schema["$defs"]
+
+
+def test_settings_clash_names_the_differing_fields_and_both_values(tmp_path):
+    out = tmp_path / "out"
+    earlier = load_config(None, {"input": ["a"], "output": str(out), "prompt": "Describe it."})
+    table = OutputTable(str(out))
+    write_json(
+        table.fs,
+        f"{out}/run=20260101T000000000000Z/_plan.json",
+        {"fingerprint": generation_fingerprint(earlier), "shards": []},
+    )
+    now = load_config(
+        None, {"input": ["a"], "output": str(out), "prompt": "Say what you see.", "max_new_tokens": 7}
+    )
+    with pytest.raises(ConfigError) as e:
+        table.open_run(now, write=False)
+    msg = str(e.value)
+    assert "prompt: 'Describe it.' -> 'Say what you see.'" in msg
+    assert "generation.max_new_tokens: 96 -> 7" in msg
+    assert "temperature" not in msg and "engine.model" not in msg  # unchanged settings are not listed

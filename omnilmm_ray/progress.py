@@ -1,0 +1,227 @@
+"""The driver's progress line, every `report.progress_s` seconds while a run goes:
+
+    progress: 1,204/~20,480 images (6%), shards 3/80 committed, 412.5 images/s (last 60s), ETA 47m, errors: decode_error 2
+
+Images are this attempt's work (a resumed run does not count what earlier attempts committed); shards are
+the run's. Planned counts come from the plan where that is cheap (loose files: the file count; Parquet: the
+footer's row count) and are estimated from bytes per image elsewhere (tars: their member count is only
+known once read), marked `~`, and replaced by the exact count as each shard's end marker arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from omnilmm_ray import schema
+from omnilmm_ray.sources import Shard
+from omnilmm_ray.storage import resolve
+
+log = logging.getLogger(__name__)
+
+RATE_WINDOW_S = 60.0
+GPU_SAMPLE_S = 5.0  # GPUs in use are sampled (and gauges re-exported) this often
+MAX_FOOTERS = 256  # Parquet footers read at plan time (one ranged GET each); the rest are estimated
+
+
+def _parquet_rows(uri: str, storage_options: dict) -> int | None:
+    try:
+        fs, path = resolve(uri, storage_options)
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    except Exception:  # an unreadable shard becomes an error row when read; here it is just not counted
+        return None
+
+
+def _wanted(shard: Shard, rows: int | None) -> int | None:
+    """Images of `shard` this run reads, given the file's sample count (None: unknown)."""
+    r = shard.retry
+    if r is None:
+        return rows
+    if r.start is None:
+        return len(r.indices)
+    if rows is None:
+        return None
+    return len({i for i in r.indices if i < rows} | set(range(r.start, rows)))
+
+
+def plan_counts(shards: list[Shard], storage_options: dict | None = None) -> dict[str, int | None]:
+    """Shard id -> images it holds for this run where cheap to know (None: estimate it)."""
+    opts = storage_options or {}
+    counts: dict[str, int | None] = {}
+    parquet = [s for s in shards if s.format == "parquet"][:MAX_FOOTERS]
+    with ThreadPoolExecutor(16) as pool:
+        rows = dict(
+            zip([s.shard_id for s in parquet], pool.map(lambda s: _parquet_rows(s.uri, opts), parquet))
+        )
+    for s in shards:
+        if s.format == "files":
+            counts[s.shard_id] = len(s.members)  # read whole: a loose-file retry plans the files themselves
+        else:
+            counts[s.shard_id] = _wanted(s, rows.get(s.shard_id))
+    return counts
+
+
+def _duration(s: float) -> str:
+    s = int(s)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class ProgressReporter:
+    """Fed from the commit loop (`observe`); between `start` and `stop` a daemon thread logs the line every
+    `every_s` seconds, so it also shows while nothing arrives (engine start-up, a stalled stage)."""
+
+    def __init__(
+        self,
+        shards: list[Shard],
+        counts: dict[str, int | None],
+        done_indices: dict[str, set[int]],
+        shards_before: int,
+        shards_total: int,
+        every_s: float,
+        metrics=None,
+        gpus=None,
+        clock=time.monotonic,
+    ):
+        """`gpus`: a function returning the GPUs in use now, sampled to add up `gpu_seconds`."""
+        self.shards = {s.shard_id: s for s in shards}
+        self.done_before = {sid: len(done_indices.get(sid, ())) for sid in self.shards}
+        self.counts = dict(counts)  # sid -> images of the shard this run wants (None: not known yet)
+        self.shards_before, self.shards_total = shards_before, shards_total
+        self.committed = 0
+        self.images = 0
+        self.errors: Counter[str] = Counter()
+        self.every_s = every_s
+        self.metrics = metrics
+        self.clock = clock
+        self.gpus = gpus
+        self.gpu_seconds = 0.0
+        self.t0 = clock()
+        self.samples: deque[tuple[float, int]] = deque([(self.t0, 0)])
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._export_planned()
+
+    def _export_planned(self) -> None:
+        # Ray's metrics agent drops a gauge not reported again within two export intervals (~20 s): re-set
+        # it on every tick, which also publishes counts that became exact.
+        if self.metrics is not None:
+            with self._lock:  # `observe` updates the counts from the commit loop's thread
+                planned = self.planned()[0]
+            self.metrics.planned(planned, self.shards_total)
+
+    def planned(self) -> tuple[int, bool]:
+        """(images this attempt plans, whether that is an estimate). Unknown shards get the bytes per image
+        of shards of the same format whose count is known (any format when none is), else count as 0."""
+        per_byte: dict[str | None, list[int]] = {}
+        for sid, n in self.counts.items():
+            s = self.shards[sid]
+            if n is not None and s.retry is None and s.size:
+                for fmt in (s.format, None):
+                    acc = per_byte.setdefault(fmt, [0, 0])
+                    acc[0], acc[1] = acc[0] + n, acc[1] + s.size
+        total, estimated = 0, False
+        for sid, n in self.counts.items():
+            s = self.shards[sid]
+            if n is None:
+                estimated = True
+                images, size = per_byte.get(s.format) or per_byte.get(None) or (0, 0)
+                n = round(s.size * images / size) if size else 0
+                if s.retry is not None and s.retry.start is not None:
+                    n = max(0, n - s.retry.start) + len(s.retry.indices)
+            total += max(0, n - self.done_before[sid])
+        return total, estimated
+
+    def observe(self, batch: pa.Table, committed: int) -> None:
+        """One batch from the pipeline (ENGINE_SCHEMA rows and end markers); `committed`: shards committed so
+        far by this attempt."""
+        ends = pa.array(schema.is_end(batch))
+        rows = batch.filter(pc.invert(ends))
+        kinds = Counter(rows.column("error_kind").to_pylist())
+        cached = pc.sum(pc.fill_null(rows.column("cached"), False)).as_py() or 0
+        with self._lock:
+            for r in batch.filter(ends).select(["shard_id", "shard_rows", "error_kind"]).to_pylist():
+                s = self.shards.get(r["shard_id"])
+                if s is not None:
+                    self.counts[s.shard_id] = len(s.expected(r["shard_rows"], r["error_kind"] is not None))
+            self.images += len(rows)
+            self.errors.update({k: c for k, c in kinds.items() if k})
+            new_commits, self.committed = committed - self.committed, committed
+            self.samples.append((self.clock(), self.images))
+        if self.metrics is not None:
+            ok = kinds.pop(None, 0)
+            if ok - cached > 0:
+                self.metrics.rows("captioned", "", ok - cached)
+            if cached:
+                self.metrics.rows("cached", "", cached)
+            for kind, n in kinds.items():
+                self.metrics.rows("failed", kind, n)
+            self.metrics.committed(new_commits)
+
+    def line(self) -> str:
+        with self._lock:
+            now = self.clock()
+            while len(self.samples) > 1 and self.samples[1][0] <= now - RATE_WINDOW_S:
+                self.samples.popleft()
+            t_first, n_first = self.samples[0]
+            rate = (self.images - n_first) / (now - t_first) if now > t_first else 0.0
+            planned, estimated = self.planned()
+            images, errors = self.images, sorted(self.errors.items(), key=lambda kv: -kv[1])
+            shards = self.shards_before + self.committed
+        mark = "~" if estimated else ""
+        share = f" ({min(100, 100 * images // planned)}%)" if planned else ""
+        left = planned - images
+        if left <= 0 and shards >= self.shards_total:
+            eta = "done"
+        else:
+            eta = mark + _duration(max(0, left) / rate) if rate > 0 else "?"
+        return (
+            f"progress: {images:,}/{mark}{planned:,} images{share}, shards {shards}/{self.shards_total} "
+            f"committed, {rate:.1f} images/s (last {RATE_WINDOW_S:.0f}s), ETA {eta}, errors: "
+            + (", ".join(f"{k} {n:,}" for k, n in errors) if errors else "none")
+        )
+
+    def _sample_gpus(self, fresh: bool = True) -> None:
+        """Add the GPUs in use since the last sample times the time since; `fresh=False` (at the end, when
+        the pipeline's actors are already gone) counts the last interval at the last sample's value."""
+        now = self.clock()
+        in_use = self._gpus_last
+        if self.gpus is not None and fresh:
+            try:
+                in_use = self.gpus()
+            except Exception as e:  # a GCS hiccup must not stop the progress line
+                log.debug("could not sample GPUs in use: %s", e)
+        self.gpu_seconds += max(in_use, self._gpus_last) * (now - self._gpu_t)
+        self._gpu_t, self._gpus_last = now, in_use
+
+    def _loop(self) -> None:
+        last_line = self.clock()
+        while not self._stop.wait(min(self.every_s, GPU_SAMPLE_S)):
+            self._sample_gpus()
+            self._export_planned()
+            if self.clock() - last_line >= self.every_s:
+                last_line = self.clock()
+                log.info("%s", self.line())
+
+    def start(self) -> None:
+        self._gpu_t, self._gpus_last = self.clock(), 0.0
+        self._thread = threading.Thread(target=self._loop, name="omnilmm-progress", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is None:
+            return
+        self._thread.join()
+        self._sample_gpus(fresh=False)
+        log.info("%s", self.line())

@@ -1,0 +1,187 @@
+"""The driver's progress line and the Prometheus metrics on Ray's metrics endpoint (fake engine)."""
+
+import json
+import logging
+import re
+import time
+import urllib.request
+from dataclasses import replace
+
+import pyarrow as pa
+import pytest
+
+from omnilmm_ray import cli, schema
+from omnilmm_ray.config import InputConfig
+from omnilmm_ray.metrics import METRICS
+from omnilmm_ray.progress import ProgressReporter, plan_counts
+from omnilmm_ray.samples import build_samples, write_tar
+from omnilmm_ray.sources import Retry, plan_shards
+from tests import hostile
+from tests.conftest import ROOT
+
+
+def _rows(shard_id: str, indices: list[int], kinds: dict[int, str] | None = None) -> pa.Table:
+    kinds = kinds or {}
+    return schema.table(
+        [
+            {
+                "shard_id": shard_id,
+                "sample_index": i,
+                "key": str(i),
+                "error_kind": kinds.get(i),
+                "cached": False,
+            }
+            for i in indices
+        ],
+        schema.ENGINE_SCHEMA,
+    )
+
+
+def _end(shard_id: str, rows: int) -> pa.Table:
+    return schema.table([{"shard_id": shard_id, "shard_rows": rows}], schema.ENGINE_SCHEMA)
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_planned_counts_exact_where_cheap_estimated_for_tars_then_exact(tmp_path):
+    build_samples(tmp_path, shards=2, per_shard=8)  # 2 tars of 8, a Parquet file of 8, 4 loose files
+    shards = plan_shards([str(tmp_path)], InputConfig())
+    by_fmt = {s.format: s for s in shards}
+    counts = plan_counts(shards)
+    assert counts[by_fmt["parquet"].shard_id] == 8  # from the footer
+    assert counts[by_fmt["files"].shard_id] == len(by_fmt["files"].members)
+    tars = [s for s in shards if s.format == "tar"]
+    assert [counts[s.shard_id] for s in tars] == [None, None]  # member counts are not cheap
+
+    clock = Clock()
+    rep = ProgressReporter(shards, counts, {}, 0, len(shards), every_s=30, clock=clock)
+    planned, estimated = rep.planned()
+    assert estimated and planned > 8 + len(by_fmt["files"].members)
+    assert "~" in rep.line() and "shards 0/4 committed" in rep.line()
+
+    for s in tars:  # every tar's end marker arrives: the count is exact
+        rep.observe(
+            pa.concat_tables([_rows(s.shard_id, list(range(8)), {3: "decode_error"}), _end(s.shard_id, 8)]), 0
+        )
+    clock.t += 10
+    rep.observe(_rows(by_fmt["parquet"].shard_id, list(range(4))), 2)
+    assert rep.planned() == (8 + 8 + 8 + len(by_fmt["files"].members), False)
+    line = rep.line()
+    assert line.startswith(f"progress: 20/{24 + len(by_fmt['files'].members)} images")
+    assert "shards 2/4 committed" in line and "errors: decode_error 2" in line
+    assert "2.0 images/s (last 60s)" in line  # 20 images in 10 s
+    assert "ETA " in line and "~" not in line
+
+
+def test_resumed_and_retried_shards_count_only_what_is_left(tmp_path):
+    build_samples(tmp_path, shards=1, per_shard=10)
+    shards = plan_shards([str(tmp_path / "parquet")], InputConfig())
+    whole = shards[0]
+    retried = replace(whole, shard_id="r", retry=Retry(frozenset({1, 2}), 7))
+    counts = plan_counts([whole, retried])
+    assert counts == {whole.shard_id: 10, "r": 2 + 3}  # indices 1, 2 and 7..9
+    rep = ProgressReporter([whole, retried], counts, {whole.shard_id: {0, 1, 2, 3}}, 5, 7, every_s=30)
+    assert rep.planned() == (6 + 5, False)  # 4 of the whole shard's rows are in part files already
+    assert "shards 5/7 committed" in rep.line()
+
+
+def test_progress_thread_logs_every_interval(caplog, tmp_path):
+    build_samples(tmp_path, shards=1, per_shard=4)
+    shards = plan_shards([str(tmp_path / "files")], InputConfig())
+    rep = ProgressReporter(shards, plan_counts(shards), {}, 0, 1, every_s=0.05)
+    with caplog.at_level(logging.INFO, logger="omnilmm_ray"):
+        rep.start()
+        deadline = time.monotonic() + 30
+        while sum("progress:" in r.message for r in caplog.records) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rep.stop()
+    lines = [r.message for r in caplog.records if r.message.startswith("progress:")]
+    assert len(lines) >= 3  # two while running, one at the end
+    assert lines[-1].startswith(f"progress: 0/{len(shards[0].members)} images")
+
+
+def _metrics_text(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
+def _series(text: str, name: str) -> list[tuple[str, float]]:
+    return [
+        (m.group(1) or "", float(m.group(2)))
+        for m in re.finditer(rf"^{name}(?:{{(.*)}})? ([0-9.e+-]+)$", text, re.M)
+    ]
+
+
+def _exported(kind: str, name: str) -> str:
+    return {"counter": f"ray_{name}_total", "gauge": f"ray_{name}", "histogram": f"ray_{name}_count"}[kind]
+
+
+@pytest.mark.integration
+def test_fake_run_logs_progress_and_exports_metrics(ray_local, tmp_path, caplog, capsys):
+    import ray
+
+    build_samples(tmp_path / "in", shards=3, per_shard=8)
+    write_tar(
+        tmp_path / "in" / "webdataset" / "hostile.tar",
+        [(n, {"jpg": make()}) for n, (make, _) in hostile.CASES.items()],
+    )
+    job = tmp_path / "job.yaml"
+    job.write_text("report: {progress_s: 0.2}\nengine: {fake_delay_s: 0.2}\n")
+    with caplog.at_level(logging.INFO, logger="omnilmm_ray"):
+        rc = cli.main(
+            ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--engine", "fake"]
+            + ["--batch-size", "4", "--config", str(job)]
+        )
+    assert rc == 0
+    run = next((tmp_path / "out").glob("run=*"))
+    summary = json.loads((run / "_summary.json").read_text())
+    n, shards = summary["rows"], summary["shards"]
+    lines = [r.message for r in caplog.records if r.message.startswith("progress:")]
+    assert len(lines) >= 2, lines
+    assert lines[-1].startswith(f"progress: {n}/{n} images (100%), shards {shards}/{shards} committed")
+    bad = sorted((k, v["count"]) for k, v in summary["errors_by_kind"].items())
+    assert bad and all(f"{k} {c}" in lines[-1] for k, c in bad)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("omnilmm_ray")]
+    done = capsys.readouterr().out.strip().splitlines()[-1]
+    assert done.startswith("done: ") and f"summary: {run}/_summary.json" in done
+    top = max(summary["errors_by_kind"].items(), key=lambda kv: kv[1]["count"])
+    assert f"{top[0]} {top[1]['count']}" in done
+
+    # Ray's metrics agent exports what the driver and the engine actors recorded on the node's metrics port.
+    port = ray.nodes()[0]["MetricsExportPort"]
+    wanted = {_exported(kind, name) for name, (kind, _, _) in METRICS.items()}
+    # Each is looked for in any scrape: the agent drops a gauge nobody reports any more (~20 s after the run).
+    deadline, seen = time.monotonic() + 120, {}
+    while time.monotonic() < deadline and set(seen) != wanted:
+        text = _metrics_text(port)
+        seen.update({w: text for w in wanted if _series(text, w)})
+        time.sleep(0.5)
+    missing = sorted(wanted - set(seen))
+    assert not missing, f"not on the metrics endpoint: {missing}"
+
+    def series(name):
+        return _series(seen[name], name)
+
+    images = series("ray_omnilmm_images_total")
+    assert sum(v for _, v in images) >= n  # counters add up over the session's runs
+    assert any('status="failed"' in tags and 'error_kind="not_an_image"' in tags for tags, _ in images)
+    assert sum(v for _, v in series("ray_omnilmm_shards_committed_total")) >= shards
+    assert any('kind="output"' in tags for tags, _ in series("ray_omnilmm_tokens_total"))
+
+
+def test_grafana_dashboard_queries_only_emitted_metrics():
+    dash = json.loads((ROOT / "cluster" / "grafana-omnilmm.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    assert exprs
+    emitted = set()
+    for name, (kind, _, _) in METRICS.items():
+        suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"]}[kind]
+        emitted |= {f"ray_{name}{s}" for s in suffixes}
+    queried = {m for e in exprs for m in re.findall(r"\bray_omnilmm_[a-z_]+", e)}
+    assert queried and queried <= emitted, sorted(queried - emitted)
+    assert {f"ray_{n}" for n in METRICS} <= {re.sub(r"_(total|bucket|sum|count)$", "", q) for q in queried}
