@@ -476,6 +476,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if k not in data:
             flag = "--input" if k == "inputs" else "--output"
             raise ConfigError(f"{k}: missing; pass {flag} or set '{k}' in the config file")
+    return validate(data)
+
+
+def validate(data: dict[str, Any]) -> JobConfig:
+    """A config mapping -> JobConfig, or a ConfigError naming the first wrong field."""
     try:
         return JobConfig.model_validate(data)
     except ValidationError as e:

@@ -122,6 +122,7 @@ class CaptionStage:
     """
 
     def __init__(self, cfg: JobConfig, run_uri: str, reuse=None, vision=None):
+        """`run_uri`: where the fake engine's crash drill leaves its marker ("" outside a job)."""
         if reuse is not None and not isinstance(reuse, dict):  # an ObjectRef: shared once, fetched per actor
             import ray
 
