@@ -84,7 +84,7 @@ def test_job_two_named_prompts_turbomind(ray_gpu, tiny_model, tmp_path):
     # random weights may end the turn at once: an empty answer is an error row, anything else is a bug
     assert {r["error_kind"] for r in rows} <= {None, "empty_caption"}
     ok = [r for r in rows if r["error"] is None]
-    assert len(ok) >= 0.9 * len(rows)
+    assert len(ok) >= 0.8 * len(rows)  # a row needs both answers non-empty
     for r in ok:
         for name, prompt in PROMPTS.items():
             assert r[f"caption_{name}"] and r[f"prompt_{name}"] == prompt
