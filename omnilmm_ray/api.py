@@ -97,9 +97,7 @@ def to_samples(batch: pa.Table, cfg: JobConfig, image_column: str) -> pa.Table:
             f"the dataset has no column {image_column!r} (columns: {batch.column_names}); pass "
             "image_column= to build_caption_stage"
         )
-    taken = sorted(
-        set(batch.column_names) & set(schema.output_schema(cfg.prompt_names).names) - {"key", "text"}
-    )
+    taken = sorted(set(batch.column_names) & (set(schema.output_schema(cfg.prompt_names).names) - _INTERNAL))
     if taken:
         raise ValueError(f"the dataset's columns {taken} are columns the caption stage writes; rename them")
     shard = uuid.uuid4().hex  # the engine's crash records key rows by shard id and index
