@@ -85,8 +85,12 @@ class ShardCommitter:
         storage_options: dict | None = None,
         commit_rows: int = 1024,
         progress: Progress | None = None,
+        out_schema: pa.Schema = schema.OUTPUT_SCHEMA,
     ):
+        """`out_schema`: the output table's schema (schema.output_schema: per-prompt columns in multi-prompt
+        mode)."""
         self.fs, self.run_path = resolve(run_uri, storage_options)
+        self.out_schema = out_schema
         self.run_uri = run_uri
         self.shards = {s.shard_id: s for s in shards}
         self.commit_rows = commit_rows
@@ -123,8 +127,10 @@ class ShardCommitter:
                 self._write_part(sid, p)
 
     def _rows(self, tables: list[pa.Table]) -> pa.Table:
-        t = pa.concat_tables(tables) if tables else schema.ENGINE_SCHEMA.empty_table()
-        return t.select(schema.OUTPUT_SCHEMA.names).cast(schema.OUTPUT_SCHEMA)
+        if not tables:
+            return self.out_schema.empty_table()
+        t = pa.concat_tables(tables)
+        return t.select(self.out_schema.names).cast(self.out_schema)
 
     def _write_part(self, sid: str, p: _Pending) -> None:
         path = join(self.run_path, f"{sid}{PART}{len(p.parts):05d}.parquet")
@@ -139,7 +145,7 @@ class ShardCommitter:
         written = []
         for part in p.parts:
             with self.fs.open(part, "rb") as f:
-                written.append(pq.read_table(f).cast(schema.OUTPUT_SCHEMA))
+                written.append(pq.read_table(f).cast(self.out_schema))
         t = pa.concat_tables([*written, self._rows(p.tables)]).sort_by("sample_index")
         if t.column("sample_index").to_pylist() != p.expected:
             raise RuntimeError(
@@ -178,9 +184,9 @@ def _describe(shard: Shard, rows: int) -> str:
 def verify_run(run_uri: str, shards: list[Shard], storage_options: dict | None = None) -> pa.Table:
     """Check that every planned shard is committed with rows 0..n-1 exactly once (a retried shard: exactly
     the indices its plan wants, and its shard-level error row); return the run's rows (the columns the
-    summary needs). Raises RuntimeError naming the first shard that is wrong."""
+    summary needs, and the quality flag columns). Raises RuntimeError naming the first shard that is wrong."""
     fs, path = resolve(run_uri, storage_options)
-    cols = ["source", "key", "sample_index", "error_kind", "cached", "input_tokens", "output_tokens"]
+    base = ["source", "key", "sample_index", "error_kind", "cached", "input_tokens", "output_tokens"]
     parts, skipped = [], 0
     for s in shards:
         f = shard_file(path, s.shard_id)
@@ -188,6 +194,7 @@ def verify_run(run_uri: str, shards: list[Shard], storage_options: dict | None =
             with fs.open(f, "rb") as fh:
                 pf = pq.ParquetFile(fh)
                 md = pf.schema_arrow.metadata or {}
+                cols = base + [n for n in pf.schema_arrow.names if n.startswith(("flags", "first_flags"))]
                 t = pf.read(columns=cols)
         except FileNotFoundError:
             raise RuntimeError(f"shard {s.uri} has no committed file {f}") from None
@@ -198,7 +205,7 @@ def verify_run(run_uri: str, shards: list[Shard], storage_options: dict | None =
         ):
             raise RuntimeError(f"shard {s.uri}: committed file {f} does not hold rows {_describe(s, n)}")
         parts.append(t)
-    t = pa.concat_tables(parts) if parts else schema.OUTPUT_SCHEMA.empty_table().select(cols)
+    t = pa.concat_tables(parts) if parts else schema.OUTPUT_SCHEMA.empty_table().select(base)
     return t.replace_schema_metadata({b"skipped": str(skipped).encode()})
 
 
@@ -230,7 +237,8 @@ def reopen_failed_shards(
                 pc.is_in(pf.read(columns=["error_kind"]).column(0), pa.array(sorted(kinds)))
             ).as_py():
                 continue
-            t = pf.read().cast(schema.OUTPUT_SCHEMA)
+            # the run's own columns (per-prompt ones too), without the shard file's commit metadata
+            t = pf.read().replace_schema_metadata(None)
         bad = pc.is_in(t.column("error_kind"), pa.array(sorted(kinds)))
         good = t.filter(pc.invert(pc.fill_null(bad, False)))
         if len(good):

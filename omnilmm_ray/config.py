@@ -7,6 +7,7 @@ Fields that hold credentials are declared `SecretOptions` (or pydantic's `Secret
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -150,6 +151,12 @@ class EngineConfig(_Strict):
         description="Fake engine only (drills): refuse the model with this reason, as lmdeploy refuses a model "
         "no backend serves.",
     )
+    fake_bad_captions: bool = Field(
+        False,
+        description="Fake engine only (quality drills): most images get a known-bad caption (repetition, "
+        "refusal, empty, cut off, too short, other script), picked from the pixels; with the quality retry's "
+        "generation settings all but refusals come back good.",
+    )
 
 
 class GenerationConfig(_Strict):
@@ -164,6 +171,92 @@ class GenerationConfig(_Strict):
     top_k: int = Field(1, ge=0)
     repetition_penalty: float = Field(1.05, gt=0)
     random_seed: int | None = Field(0, description="Seed for sampling; fixed for reproducible captions.")
+
+
+DEFAULT_REFUSALS = [
+    r"\bI'?m sorry\b",
+    r"\bI am sorry\b",
+    r"\bas an AI\b",
+    r"\bI (?:cannot|can't|can not|am unable to|'m unable to)\b",
+    r"\bunable to (?:see|view|determine|identify) (?:the|this|any) image\b",
+]
+
+
+class QualityConfig(_Strict):
+    repetition_ngram: int = Field(3, ge=1, description="n of the n-grams the repetition check counts.")
+    repetition_threshold: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="Flag `repetition` when more than this share of a caption's n-grams repeat an earlier one "
+        "('a cat a cat a cat': 0.5).",
+    )
+    refusal_patterns: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_REFUSALS),
+        description="Regular expressions (case-insensitive) that flag `refusal`; a caption that starts with "
+        "its own prompt is flagged too. [] turns the patterns off.",
+    )
+    min_chars: int | dict[str, int] = Field(
+        10,
+        description="Flag `too_short` below this many characters: one number, or per prompt name in "
+        "multi-prompt mode (`{alt: 10, tags: 3}`; names not listed use 10).",
+    )
+    expected_scripts: list[str] = Field(
+        ["latin"],
+        description="Unicode scripts captions should be written in (first word of a letter's Unicode name: "
+        "latin, cyrillic, greek, cjk, hiragana, arabic, ...). [] turns the check off.",
+    )
+    script_threshold: float = Field(
+        0.2, ge=0, le=1, description="Flag `unexpected_script` above this share of letters in other scripts."
+    )
+    retry_flags: list[str] = Field(
+        [],
+        description="Caption rows with any of these flags once more with `retry_generation`; the row keeps "
+        "the second attempt, and the first one in `first_caption` / `first_flags`.",
+    )
+    retry_generation: dict[str, Any] = Field(
+        default_factory=lambda: {"repetition_penalty": 1.2, "max_new_tokens": 192},
+        description="Generation settings changed for the retry (any `generation` field).",
+    )
+    error_budget_flags: list[str] = Field(
+        [],
+        description="Rows still carrying one of these flags after any retry count as errors toward "
+        "sink.max_error_rate (they keep their caption). By default flags never fail a run.",
+    )
+
+    @field_validator("retry_flags", "error_budget_flags")
+    @classmethod
+    def _known_flags(cls, v: list[str]) -> list[str]:
+        from omnilmm_ray.quality import FLAGS
+
+        unknown = sorted(set(v) - set(FLAGS))
+        if unknown:
+            raise ValueError(f"unknown flag(s) {unknown}; known: {sorted(FLAGS)}")
+        return v
+
+    @field_validator("refusal_patterns")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        import re
+
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"{p!r} is not a regular expression ({e})") from None
+        return v
+
+    @field_validator("retry_generation")
+    @classmethod
+    def _generation(cls, v: dict[str, Any]) -> dict[str, Any]:
+        GenerationConfig.model_validate(v)  # every field has a default: this checks names and values
+        return v
+
+    def min_chars_for(self, name: str) -> int:
+        return self.min_chars if isinstance(self.min_chars, int) else self.min_chars.get(name, 10)
+
+    def retry_config(self, gen: GenerationConfig) -> GenerationConfig:
+        return GenerationConfig.model_validate({**gen.model_dump(), **self.retry_generation})
 
 
 class ScaleConfig(_Strict):
@@ -276,7 +369,20 @@ class ReportConfig(_Strict):
 class JobConfig(_Strict):
     inputs: list[str] = Field(..., min_length=1, description="Input URIs or globs (any fsspec protocol).")
     output: str = Field(..., min_length=1, description="Output table URI (local path, s3://, gs://, az://).")
-    prompt: str = Field(DEFAULT_PROMPT, min_length=1, description="Instruction sent with every image.")
+    prompt: str = Field(
+        DEFAULT_PROMPT,
+        min_length=1,
+        description="Instruction sent with every image; a template may name fields of the sample: {text} "
+        "(.txt sidecar), {key}, {metadata.NAME} (.json sidecar or Parquet column); {{ }} are literal braces.",
+    )
+    prompts: dict[str, str] | None = Field(
+        None,
+        description="Several named prompts per image instead of `prompt` (`{alt: ..., detailed: ..., tags: "
+        "...}`): one row per image with caption_<name>, prompt_<name>, ... columns per prompt; all of an "
+        "image's requests go to the engine in the same call. Names: lowercase letters, digits, _. Templates "
+        "as in `prompt`.",
+    )
+    quality: QualityConfig = Field(default_factory=QualityConfig)
     input: InputConfig = Field(default_factory=InputConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -300,6 +406,58 @@ class JobConfig(_Strict):
                     f"{opts}"
                 )
         return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        from omnilmm_ray.prompts import parse
+
+        parse(v)
+        return v
+
+    @field_validator("prompts")
+    @classmethod
+    def _named(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        from omnilmm_ray.prompts import parse
+
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("give at least one named prompt, or leave `prompts` out and set `prompt`")
+        for name, template in v.items():
+            if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", name):
+                raise ValueError(
+                    f"prompt name {name!r} becomes column names (caption_{name}): use lowercase letters, "
+                    "digits and _, starting with a letter"
+                )
+            if not template.strip():
+                raise ValueError(f"prompt {name!r} is empty")
+            try:
+                parse(template)
+            except ValueError as e:
+                raise ValueError(f"prompt {name!r}: {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _one_prompt_mode(self) -> JobConfig:
+        if self.prompts is not None and "prompt" in self.model_fields_set:
+            raise ValueError(
+                "set either `prompt` (one caption per image) or `prompts` (several named ones), not both"
+            )
+        return self
+
+    @property
+    def prompt_names(self) -> list[str] | None:
+        """The prompt names in multi-prompt mode, None in single-prompt mode."""
+        return list(self.prompts) if self.prompts is not None else None
+
+    @property
+    def reuse_by_bytes(self) -> bool:
+        """Earlier captions are looked up by image bytes alone, which holds for one fixed prompt only: not
+        for several named prompts, nor for a template whose rendered prompt differs per sample."""
+        from omnilmm_ray.prompts import parse
+
+        return self.prompts is None and not parse(self.prompt).fields
 
     @property
     def model_label(self) -> str:
@@ -355,6 +513,11 @@ def load_config(
                 data[k] = [f"<not set: {flag}>"] if k == "inputs" else f"<not set: {flag}>"
                 continue
             raise ConfigError(f"{k}: missing; pass {flag} or set '{k}' in the config file")
+    return validate(data)
+
+
+def validate(data: dict[str, Any]) -> JobConfig:
+    """A config mapping -> JobConfig, or a ConfigError naming the first wrong field."""
     try:
         return JobConfig.model_validate(data)
     except ValidationError as e:
@@ -373,13 +536,20 @@ def generation_fingerprint(cfg: JobConfig) -> dict[str, Any]:
 
     Never storage options or any other credential: rotating a key is not a new labelling configuration.
     """
-    return {
+    fp = {
         "model": cfg.model_label,
         "prompt": cfg.prompt,
         "max_side": cfg.preprocess.max_side,
         "generation": cfg.generation.model_dump(),
         "chat_template": cfg.engine.chat_template,
     }
+    # Added only when used, so outputs written before these settings existed keep their fingerprint.
+    if cfg.prompts is not None:
+        fp["prompts"] = dict(cfg.prompts)
+    if cfg.quality.retry_flags:
+        # which rows get a second attempt, and with what: both decide the captions kept
+        fp["quality_retry"] = cfg.quality.model_dump(exclude={"error_budget_flags"})
+    return fp
 
 
 # generation_fingerprint key -> the config field a user changes

@@ -25,7 +25,7 @@ from omnilmm_ray.lease import Lease
 from omnilmm_ray.metrics import DriverMetrics
 from omnilmm_ray.progress import ProgressReporter, plan_counts
 from omnilmm_ray.redact import redact_text
-from omnilmm_ray.schema import SHARD_KINDS
+from omnilmm_ray.schema import SHARD_KINDS, output_schema
 from omnilmm_ray.storage import join, read_json, write_bytes_atomic, write_json
 from omnilmm_ray.table import OutputTable, Run
 
@@ -170,6 +170,32 @@ def describe(cfg: JobConfig, run: Run) -> dict:
     }
 
 
+def quality_summary(cfg: JobConfig, rows: pa.Table) -> dict:
+    """Rows per quality flag, retries and what they mended, and the flagged rows the error budget counts."""
+    from omnilmm_ray.quality import base_flag, flag_counts
+
+    n = len(rows)
+    flags = rows.column("flags").to_pylist() if "flags" in rows.column_names else [None] * n
+    retried = mended = 0
+    for first_col in (c for c in rows.column_names if c.startswith("first_flags")):
+        final = rows.column(first_col.removeprefix("first_")).to_pylist()
+        for first, last in zip(rows.column(first_col).to_pylist(), final):
+            if first is not None:
+                retried += 1
+                mended += not set(cfg.quality.retry_flags).intersection(last or [])
+    budget = set(cfg.quality.error_budget_flags)
+    kinds = rows.column("error_kind").to_pylist()
+    return {
+        "flagged_rows": sum(1 for f in flags if f),
+        "by_flag": flag_counts(flags),
+        "retried": retried,  # captions (one per prompt) captioned again under quality.retry_flags
+        "mended_by_retry": mended,  # of those, the ones the retry cleared of every retry flag
+        "counted_as_errors": sum(
+            1 for f, k in zip(flags, kinds) if k is None and budget.intersection(map(base_flag, f or []))
+        ),
+    }
+
+
 def summarize(cfg: JobConfig, run: Run, rows: pa.Table, attempt: dict) -> dict:
     kinds = rows.column("error_kind").to_pylist()
     examples: dict[str, list[str]] = defaultdict(list)
@@ -179,6 +205,7 @@ def summarize(cfg: JobConfig, run: Run, rows: pa.Table, attempt: dict) -> dict:
     counts = Counter(k for k in kinds if k)
     n = len(rows)
     errors = sum(counts.values())
+    quality = quality_summary(cfg, rows)
     return {
         "run": run.run_id,
         "status": "succeeded",
@@ -188,8 +215,11 @@ def summarize(cfg: JobConfig, run: Run, rows: pa.Table, attempt: dict) -> dict:
             "error": errors,
             "cached": sum(1 for c in rows.column("cached").to_pylist() if c),
             "skipped_without_image": int(rows.schema.metadata[b"skipped"]),
+            "flagged": quality["flagged_rows"],
         },
-        "error_rate": errors / n if n else 0.0,
+        # flagged rows count only when quality.error_budget_flags names their flags
+        "error_rate": (errors + quality["counted_as_errors"]) / n if n else 0.0,
+        "quality": quality,
         "failed_shards": sum(c for k, c in counts.items() if k in SHARD_KINDS),
         "errors_by_kind": {k: {"count": c, "examples": examples[k]} for k, c in counts.most_common()},
         "tokens": {
@@ -235,8 +265,15 @@ def run_job(
             backend = preflight(cfg)  # nothing to caption, so no engine actor resolves the model
             table.write_plan(run)
             kill_point("plan")
-        reuse = table.reuse_cache(cfg) if cfg.sink.reuse_captions and todo else {}
-        committer = ShardCommitter(run.uri, todo, cfg.sink.storage_options, cfg.sink.commit_rows, progress)
+        reuse = table.reuse_cache(cfg) if cfg.sink.reuse_captions and cfg.reuse_by_bytes and todo else {}
+        committer = ShardCommitter(
+            run.uri,
+            todo,
+            cfg.sink.storage_options,
+            cfg.sink.commit_rows,
+            progress,
+            output_schema(cfg.prompt_names),
+        )
         reporter = ProgressReporter(
             todo,
             plan_counts(todo, cfg.input.storage_options),

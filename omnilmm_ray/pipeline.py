@@ -7,7 +7,7 @@ The only module that imports `ray.data`. Output rows stream back to the driver, 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 import ray
@@ -106,6 +106,14 @@ def build_dataset(
             "reuse": ray.put(reuse or {}),
             "vision": vision,
         },
+        **engine_placement(cfg),
+    )
+    return ds
+
+
+def engine_placement(cfg: JobConfig) -> dict:
+    """`map_batches` arguments of the engine actor pool: fixed-size batches, pool size, resources."""
+    return dict(
         batch_size=cfg.scale.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(
@@ -120,7 +128,47 @@ def build_dataset(
         # max_task_retries=-1, so the actor is replaced and its batches are retried.
         **engine_resources(cfg),
     )
-    return ds
+
+
+def build_caption_stage(
+    cfg: dict | JobConfig, image_column: str = "image"
+) -> Callable[[ray.data.Dataset], ray.data.Dataset]:
+    """A stage for your own Ray Data pipeline, in the style of ray.data.llm's processors:
+    `ds = build_caption_stage({"engine": {"backend": "turbomind"}})(ds)`.
+
+    `cfg`: the job's config fields (no inputs or output). The dataset has an `image_column` of image bytes,
+    paths / URIs (read with `input.storage_options`) or Hugging Face `{bytes, path}` structs; other columns
+    pass through, and templates see them as `{metadata.NAME}` (`{text}`, `{key}`: those columns). Output:
+    your columns, then the caption columns of the job's output table (one row per input row; a bad image
+    is an error row). The returned function only adds stages: nothing runs until the dataset is consumed.
+    """
+    from omnilmm_ray.api import (
+        UserCaptionStage,
+        preprocess_keeping_user,
+        stage_config,
+        to_samples,
+    )
+
+    cfg = stage_config(cfg)
+
+    def stage(ds: ray.data.Dataset) -> ray.data.Dataset:
+        ds = ds.map_batches(
+            to_samples,
+            fn_kwargs={"cfg": cfg, "image_column": image_column},
+            batch_size=cfg.preprocess.batch_size,
+            batch_format="pyarrow",
+            num_cpus=READ_CPUS,
+        )
+        ds = ds.map_batches(
+            preprocess_keeping_user,
+            fn_kwargs={"cfg": cfg},
+            batch_size=cfg.preprocess.batch_size,
+            batch_format="pyarrow",
+            num_cpus=cfg.preprocess.num_cpus,
+        )
+        return ds.map_batches(UserCaptionStage, fn_constructor_kwargs={"cfg": cfg}, **engine_placement(cfg))
+
+    return stage
 
 
 def caption_batches(

@@ -38,8 +38,15 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("cached", pa.bool_()),  # caption reused from an earlier run (same bytes and settings)
         pa.field("metadata", pa.string()),  # sidecar JSON / other Parquet columns, as JSON text
         pa.field("text", pa.string()),  # sidecar .txt
+        pa.field("flags", pa.list_(pa.string())),  # quality flags (quality.py); multi-prompt: "<name>:<flag>"
+        pa.field("first_caption", pa.string()),  # quality.retry_flags: the first attempt, when retried
+        pa.field("first_flags", pa.list_(pa.string())),
     ]
 )
+# Multi-prompt mode (`prompts: {name: ...}`): these columns once per prompt, as `<column>_<name>`. The row's
+# own caption/prompt/finish_reason/first_* columns stay null; its tokens are the sums over the prompts.
+PER_PROMPT = ["caption", "prompt", "input_tokens", "output_tokens", "finish_reason", "flags"]
+PER_PROMPT_RETRY = ["first_caption", "first_flags"]
 
 _BASE = ["source", "key", "sample_index", "metadata", "text", "error", "error_kind"]
 SAMPLE_SCHEMA = pa.schema(
@@ -51,6 +58,26 @@ PIXELS_SCHEMA = pa.schema(
     + SHARD_FIELDS
 )
 ENGINE_SCHEMA = pa.schema(list(OUTPUT_SCHEMA) + SHARD_FIELDS)
+
+
+def prompt_column(column: str, name: str) -> str:
+    return f"{column}_{name}"
+
+
+def output_schema(prompt_names: list[str] | None = None) -> pa.Schema:
+    """The output table's schema: OUTPUT_SCHEMA, plus the per-prompt columns in multi-prompt mode."""
+    if not prompt_names:
+        return OUTPUT_SCHEMA
+    extra = [
+        pa.field(prompt_column(c, n), OUTPUT_SCHEMA.field(c).type)
+        for n in prompt_names
+        for c in PER_PROMPT + PER_PROMPT_RETRY
+    ]
+    return pa.schema(list(OUTPUT_SCHEMA) + extra)
+
+
+def engine_schema(prompt_names: list[str] | None = None) -> pa.Schema:
+    return pa.schema(list(output_schema(prompt_names)) + SHARD_FIELDS) if prompt_names else ENGINE_SCHEMA
 
 
 def table(rows: list[dict], schema: pa.Schema) -> pa.Table:
@@ -81,6 +108,7 @@ PERMANENT_KINDS = frozenset(
         "empty_image",
         "missing_image",  # null bytes in a Parquet row
         "empty_caption",  # greedy decoding gives the same empty text again
+        "missing_prompt_field",  # the prompt template names a field this sample does not have
     }
 )
 ERROR_KINDS = RETRYABLE_KINDS | PERMANENT_KINDS

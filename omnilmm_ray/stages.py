@@ -22,6 +22,8 @@ from omnilmm_ray.engines import Caption, EngineDied, Prepared, make_engine, reso
 from omnilmm_ray.faults import FlightRecorder
 from omnilmm_ray.metrics import EngineMetrics
 from omnilmm_ray.preprocess import binary_views, pixels_to_image, preprocess_batch
+from omnilmm_ray.prompts import MissingField, parse, parse_metadata
+from omnilmm_ray.quality import caption_flags
 from omnilmm_ray.readers import read_shard
 from omnilmm_ray.sources import Shard
 from omnilmm_ray.storage import join
@@ -29,8 +31,8 @@ from omnilmm_ray.storage import join
 log = logging.getLogger(__name__)
 
 
-def _ids(todo: list[tuple[dict, Image.Image]]) -> list[str]:
-    return [f"{r['shard_id']}:{r['sample_index']}" for r, _ in todo]
+def _ids(todo: list[tuple[dict, Image.Image, dict]]) -> list[str]:
+    return [f"{r['shard_id']}:{r['sample_index']}" for r, _, _ in todo]
 
 
 def read_shards(batch: pa.Table, cfg: JobConfig) -> Iterator[pa.Table]:
@@ -86,19 +88,38 @@ class StageTimer:
             )
 
 
-def _caption_row(r: dict, cfg: JobConfig, c: Caption, cached: bool) -> dict:
+# One engine request: the row it answers, its prompt's name ("" in single-prompt mode) and rendered text.
+Request = tuple[dict, str, str]
+
+
+def _answer(r: dict, name: str, prompt: str, c: Caption, cfg: JobConfig, first=None) -> None:
+    """Put one engine answer (and, when retried, the first attempt `(Caption, flags)`) into its row."""
+    flags = [] if c.error else caption_flags(c.text, c.finish_reason, prompt, cfg.quality, name)
+    col = (lambda n: schema.prompt_column(n, name)) if name else (lambda n: n)
     r.update(
-        caption=c.text,
-        input_tokens=c.input_tokens,
-        output_tokens=c.output_tokens,
-        finish_reason=c.finish_reason,
-        cached=cached,
+        {
+            col("caption"): None if c.error else c.text,
+            col("prompt"): prompt,
+            col("input_tokens"): c.input_tokens,
+            col("output_tokens"): c.output_tokens,
+            col("finish_reason"): c.finish_reason,
+            col("flags"): flags,
+            col("first_caption"): first[0].text if first else None,
+            col("first_flags"): first[1] if first else None,
+        }
     )
-    if c.error:
-        r.update(caption=None, **schema.error("engine_error", c.error))
+    where = f"prompt {name!r}: " if name else ""
+    if r["error"] is not None:
+        pass  # an earlier prompt of this row already failed: keep the first reason
+    elif c.error:
+        r.update(schema.error("engine_error", where + c.error))
     elif not (c.text or "").strip():
-        r.update(schema.error("empty_caption", f"engine returned no text ({c.finish_reason})"))
-    return r
+        r.update(schema.error("empty_caption", f"{where}engine returned no text ({c.finish_reason})"))
+    if name:  # the row's own columns: flags of every prompt, token sums
+        r["flags"] = (r.get("flags") or []) + [f"{name}:{f}" for f in flags]
+        for k in ("input_tokens", "output_tokens"):
+            if getattr(c, k) is not None:
+                r[k] = (r.get(k) or 0) + getattr(c, k)
 
 
 class CaptionStage:
@@ -111,6 +132,7 @@ class CaptionStage:
     """
 
     def __init__(self, cfg: JobConfig, run_uri: str, reuse=None, vision=None):
+        """`run_uri`: where the fake engine's crash drill leaves its marker ("" outside a job)."""
         t0 = time.monotonic()
         try:
             backend = resolve_backend(cfg.engine)
@@ -124,14 +146,17 @@ class CaptionStage:
 
             reuse = ray.get(reuse)
         self.cfg = cfg
-        self.reuse = reuse or {}
+        self.reuse = (reuse or {}) if cfg.reuse_by_bytes else {}
+        self.templates = {n: parse(t) for n, t in (cfg.prompts or {"": cfg.prompt}).items()}
+        self.out_schema = schema.engine_schema(cfg.prompt_names)
+        self.retry_flags = set(cfg.quality.retry_flags)
+        self.retry_gen = cfg.quality.retry_config(cfg.generation) if self.retry_flags else None
         # vision.VisionSpec: pixels arrive as the model's patches (preprocess_stage), if this backend takes them
         self.vision = vision if backend in gate.TAKES_PATCHES else None
         # What besides the image bytes determines the patches: fixed for the job, so built once, not per image.
         self._fingerprint_settings = f"|{cfg.preprocess.max_side}|{vision}"
-        self.engine = make_engine(
-            cfg.engine, cfg.generation, crash_marker=join(run_uri, "_drill_crashed"), backend=backend
-        )
+        marker = join(run_uri, "_drill_crashed") if run_uri else None
+        self.engine = make_engine(cfg.engine, cfg.generation, crash_marker=marker, backend=backend)
         self.flight = FlightRecorder()
         # Image-by-image retries run alone in the actor (scale.concurrent_batches > 1): a death during one
         # must be that image's alone, or an innocent image retried beside the culprit is counted too.
@@ -174,14 +199,18 @@ class CaptionStage:
             pw, ph = r.pop("pw"), r.pop("ph")
             if r["shard_rows"] is not None:  # end marker
                 continue
-            r.update(model=self.cfg.model_label, prompt=self.cfg.prompt, cached=False)
+            r.update(model=self.cfg.model_label, cached=False)
             if r["error"] is not None:
+                continue
+            prompts = self._render(r)
+            if prompts is None:
                 continue
             hit = self.reuse.get(r["sha256"])
             if hit is not None:
-                _caption_row(r, self.cfg, Caption(**hit), cached=True)
+                r["cached"] = True
+                _answer(r, "", prompts[""], Caption(**hit), self.cfg)
             else:
-                todo.append((r, self._image(r, px, pw, ph)))
+                todo.append((r, self._image(r, px, pw, ph), prompts))
         self.timer.start("engine")
         if todo and self.flight.begin(_ids(todo)) == 0:
             self._caption(todo)
@@ -200,11 +229,21 @@ class CaptionStage:
         if todo:
             self.flight.end(_ids(todo))
         self.timer.start("return")
-        out = schema.table(rows, schema.ENGINE_SCHEMA)
+        out = schema.table(rows, self.out_schema)
         self.timer.stop(len(todo))
         return out
 
-    def _caption(self, todo: list[tuple[dict, Image.Image]], alone: bool = False) -> None:
+    def _render(self, r: dict) -> dict[str, str] | None:
+        """The row's prompts by name; None (and the row an error) when a template names a missing field."""
+        meta = parse_metadata(r) if any(t.fields for t in self.templates.values()) else None
+        try:
+            return {name: t.render(r, meta) for name, t in self.templates.items()}
+        except MissingField as e:
+            which = next(n for n, t in self.templates.items() if e.field in t.fields)
+            r.update(schema.error("missing_prompt_field", f"prompt{' ' + repr(which) if which else ''} {e}"))
+            return None
+
+    def _caption(self, todo: list[tuple[dict, Image.Image, dict]], alone: bool = False) -> None:
         with self._calls:
             self._calls.wait_for(lambda: not self._alone and (self._active == 0 or not alone))
             self._alone, self._active = alone, self._active + 1
@@ -216,19 +255,43 @@ class CaptionStage:
                 self._alone = False if alone else self._alone
                 self._calls.notify_all()
 
-    def _call_engine(self, todo: list[tuple[dict, Image.Image]]) -> None:
+    def _engine(self, requests: list[Request], images: list, gen=None) -> list[Caption]:
         started = time.perf_counter()
         try:
-            captions = self.engine.caption(self.cfg.prompt, [im for _, im in todo])
+            prompts = [p for _, _, p in requests]
+            captions = (
+                self.engine.caption(prompts, images, gen) if gen else self.engine.caption(prompts, images)
+            )
         except EngineDied as e:
             log.error("engine died, exiting the actor so Ray replaces it: %s", e)
             os._exit(1)
-        if len(captions) != len(todo):
+        if len(captions) != len(requests):
             log.error(
-                "engine returned %d captions for %d images; exiting the actor", len(captions), len(todo)
+                "engine returned %d captions for %d requests; exiting the actor", len(captions), len(requests)
             )
             os._exit(1)
-        for (r, _), c in zip(todo, captions):
-            _caption_row(r, self.cfg, c, cached=False)
         tokens = [sum(getattr(c, k) or 0 for c in captions) for k in ("input_tokens", "output_tokens")]
-        self.metrics.engine_call(started, len(todo), *tokens)
+        self.metrics.engine_call(started, len(requests), *tokens)
+        return captions
+
+    def _call_engine(self, todo: list[tuple[dict, Image.Image, dict]]) -> None:
+        # every prompt of an image in the same engine call, the image decoded once
+        requests = [(r, name, p) for r, _, prompts in todo for name, p in prompts.items()]
+        images = [im for _, im, prompts in todo for _ in prompts]
+        captions = self._engine(requests, images)
+        firsts: list = [None] * len(requests)
+        if self.retry_flags:
+            again = []
+            for i, ((_, name, p), c) in enumerate(zip(requests, captions)):
+                flags = [] if c.error else caption_flags(c.text, c.finish_reason, p, self.cfg.quality, name)
+                if self.retry_flags.intersection(flags):
+                    again.append(i)
+                    firsts[i] = (c, flags)
+            if again:
+                retried = self._engine(
+                    [requests[i] for i in again], [images[i] for i in again], self.retry_gen
+                )
+                for i, c in zip(again, retried):
+                    captions[i] = c
+        for (r, name, p), c, first in zip(requests, captions, firsts):
+            _answer(r, name, p, c, self.cfg, first)

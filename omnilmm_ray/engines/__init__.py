@@ -1,5 +1,9 @@
 """The engine interface: a batch of (prompt, image) pairs in, one Caption per pair out.
 
+`prompts` is one prompt for every image, or one per image (multi-prompt mode repeats an image once per
+prompt, and templates render a prompt per sample). `gen` replaces the engine's generation settings for this
+call (the quality retry); None keeps the ones it was built with.
+
 Backends are imported lazily so the driver and CPU workers never import lmdeploy or torch.
 """
 
@@ -43,7 +47,21 @@ class EngineDied(RuntimeError):
 class Engine(Protocol):
     name: str
 
-    def caption(self, prompt: str, images: list[Image.Image | Prepared]) -> list[Caption]: ...
+    def caption(
+        self,
+        prompts: str | list[str],
+        images: list[Image.Image | Prepared],
+        gen: GenerationConfig | None = None,
+    ) -> list[Caption]: ...
+
+
+def per_image(prompts: str | list[str], n: int) -> list[str]:
+    """One prompt per image; a list must be as long as the images."""
+    if isinstance(prompts, str):
+        return [prompts] * n
+    if len(prompts) != n:
+        raise ValueError(f"{len(prompts)} prompts for {n} images")
+    return list(prompts)
 
 
 def resolve_backend(cfg: EngineConfig) -> str:

@@ -13,12 +13,29 @@ import time
 import numpy as np
 from PIL import Image
 
-from omnilmm_ray.config import EngineConfig
-from omnilmm_ray.engines import Caption, Prepared
+from omnilmm_ray.config import EngineConfig, GenerationConfig
+from omnilmm_ray.engines import Caption, Prepared, per_image
 from omnilmm_ray.storage import resolve, write_bytes_atomic
 from omnilmm_ray.weights import local_model
 
 BANNER = "FAKE ENGINE: captions are placeholders computed from pixel statistics, not model output"
+
+# engine.fake_bad_captions: what a weak model does, one kind per image (picked from its pixels' digest).
+# (text, finish_reason); None = the usual placeholder caption.
+BAD_CAPTIONS = {
+    "repetition": ("a cat a cat a cat a cat a cat a cat a cat a cat", "stop"),
+    "refusal": ("I'm sorry, but I cannot help with identifying people in this image.", "stop"),
+    "empty": ("", "stop"),
+    "truncated": ("[fake] a picture of a long and winding road that goes on and on past the", "length"),
+    "too_short": ("ok", "stop"),
+    "unexpected_script": ("[fake] кошка сидит на подоконнике у окна", "stop"),
+    "good": None,
+}
+
+
+def bad_kind(digest: str) -> str:
+    """The kind of caption the fake's quality drill gives an image with this digest."""
+    return list(BAD_CAPTIONS)[int(digest, 16) % len(BAD_CAPTIONS)]
 
 
 class FakeEngine:
@@ -33,6 +50,7 @@ class FakeEngine:
         self.crash_on_size = tuple(cfg.fake_crash_on_size) if cfg.fake_crash_on_size else None
         self.batches = 0
         self.calls_log = cfg.fake_calls_log
+        self.bad_captions = cfg.fake_bad_captions
 
     def _maybe_crash(self) -> None:
         """Fault drill: die like a GPU worker hit by a CUDA error, once per job (the marker remembers)."""
@@ -44,7 +62,12 @@ class FakeEngine:
         write_bytes_atomic(fs, path, b"crashed")
         os._exit(17)
 
-    def caption(self, prompt: str, images: list[Image.Image]) -> list[Caption]:
+    def caption(
+        self,
+        prompts: str | list[str],
+        images: list[Image.Image | Prepared],
+        gen: GenerationConfig | None = None,
+    ) -> list[Caption]:
         self.batches += 1
         self._maybe_crash()
         if self.delay_s:
@@ -55,7 +78,7 @@ class FakeEngine:
         if self.crash_on_size and any(im.size == self.crash_on_size for im in images):
             os._exit(18)  # a "poison" image: kills the engine every time it is in the batch
         out = []
-        for im in images:
+        for prompt, im in zip(per_image(prompts, len(images)), images):
             if isinstance(im, Prepared):  # patches from the CPU workers: no colours to report
                 digest = hashlib.sha1(im.pixels).hexdigest()[:8]
                 text = f"[fake] a {im.size[0]}x{im.size[1]} picture given as patches, id {digest}"
@@ -64,5 +87,12 @@ class FakeEngine:
                 r, g, b = (int(v) for v in a.reshape(-1, 3).mean(axis=0))
                 digest = hashlib.sha1(im.tobytes()).hexdigest()[:8]
                 text = f"[fake] a {im.width}x{im.height} picture, mean colour ({r},{g},{b}), id {digest}"
-            out.append(Caption(text, len(prompt.split()) + 16, len(text.split()), "stop"))
+            # the prompt shows in the text, so captions of one image for several prompts differ
+            text += f", prompt {hashlib.sha1(prompt.encode()).hexdigest()[:6]}"
+            finish = "stop"
+            kind = bad_kind(digest) if self.bad_captions else "good"
+            # the quality retry's settings (gen given) mend every kind but a refusal
+            if BAD_CAPTIONS[kind] is not None and (gen is None or kind == "refusal"):
+                text, finish = BAD_CAPTIONS[kind]
+            out.append(Caption(text, len(prompt.split()) + 16, len(text.split()), finish))
         return out

@@ -13,7 +13,7 @@ import warnings
 from PIL import Image
 
 from omnilmm_ray.config import EngineConfig, GenerationConfig
-from omnilmm_ray.engines import Caption, EngineDied, Prepared
+from omnilmm_ray.engines import Caption, EngineDied, Prepared, per_image
 from omnilmm_ray.weights import local_model
 
 log = logging.getLogger(__name__)
@@ -92,16 +92,7 @@ class LmdeployEngine:
             trust_remote_code=cfg.trust_remote_code,
             log_level="WARNING",
         )
-        self.gen_config = lmdeploy.GenerationConfig(
-            max_new_tokens=gen.max_new_tokens,
-            min_new_tokens=gen.min_new_tokens,
-            do_sample=gen.temperature > 0,
-            temperature=gen.temperature or 1.0,
-            top_p=gen.top_p,
-            top_k=gen.top_k,
-            repetition_penalty=gen.repetition_penalty,
-            random_seed=gen.random_seed,
-        )
+        self.gen_config = _gen_config(gen)
         self.tokenizer = self.pipe.async_engine.tokenizer
         self.takes_prepared = self.backend == "turbomind" and _accept_prepared(self.pipe)
         self.redecoded = 0  # captions recovered by the workaround in _text
@@ -116,7 +107,12 @@ class LmdeployEngine:
             return self.tokenizer.decode(r.token_ids, skip_special_tokens=True)
         return r.text
 
-    def caption(self, prompt: str, images: list[Image.Image | Prepared]) -> list[Caption]:
+    def caption(
+        self,
+        prompts: str | list[str],
+        images: list[Image.Image | Prepared],
+        gen: GenerationConfig | None = None,
+    ) -> list[Caption]:
         # Several threads may call this (scale.concurrent_batches): TurboMind's Pipeline.infer hands requests to
         # the engine's event-loop thread, which batches concurrent calls together (run on GPU in tests/gpu).
         # The PyTorch engine is not declared thread-safe unless configured so; its calls take turns.
@@ -134,11 +130,12 @@ class LmdeployEngine:
                     ],
                 }
             ]
-            for im in images
+            for prompt, im in zip(per_image(prompts, len(images)), images)
         ]
+        gen_config = self.gen_config if gen is None else _gen_config(gen)
         try:
             with self._lock:
-                responses = self.pipe(requests, gen_config=self.gen_config)
+                responses = self.pipe(requests, gen_config=gen_config)
         except Exception as e:  # the batch call itself failed: the engine's state is unknown
             raise EngineDied(f"{self.name} failed a batch call: {type(e).__name__}: {e}") from e
         out = []
@@ -156,6 +153,21 @@ class LmdeployEngine:
             else:
                 out.append(Caption(self._text(r), r.input_token_len, r.generate_token_len, r.finish_reason))
         return out
+
+
+def _gen_config(gen: GenerationConfig):
+    import lmdeploy
+
+    return lmdeploy.GenerationConfig(
+        max_new_tokens=gen.max_new_tokens,
+        min_new_tokens=gen.min_new_tokens,
+        do_sample=gen.temperature > 0,
+        temperature=gen.temperature or 1.0,
+        top_p=gen.top_p,
+        top_k=gen.top_k,
+        repetition_penalty=gen.repetition_penalty,
+        random_seed=gen.random_seed,
+    )
 
 
 def _accept_prepared(pipe) -> bool:

@@ -1,0 +1,103 @@
+"""Prompt templates: `"The alt text was: {text}. Describe the image."`, `"Product: {metadata.title}"`.
+
+A template names fields of the sample it is sent with: `text` (the `.txt` sidecar), `key`, and
+`metadata.<field>` (a field of the `.json` sidecar or another column of a Parquet input; `a.b` goes into
+nested objects). `{{` and `}}` are literal braces. Templates are checked when the config is loaded; a sample
+that lacks a field its prompt needs becomes a `missing_prompt_field` error row naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass
+
+ROOTS = ("text", "key", "metadata")
+
+
+class MissingField(KeyError):
+    def __init__(self, field: str, why: str):
+        super().__init__(field)
+        self.field, self.why = field, why
+
+    def __str__(self) -> str:
+        return f"{{{self.field}}}: {self.why}"
+
+
+@dataclass(frozen=True)
+class Template:
+    source: str
+    parts: tuple[tuple[str, str | None], ...]  # (literal text, field or None)
+
+    @property
+    def fields(self) -> list[str]:
+        return [f for _, f in self.parts if f is not None]
+
+    def render(self, sample: dict, metadata: dict | None = None) -> str:
+        """`sample`: a row with `text`, `key`, `metadata` (JSON text); `metadata`: that JSON already parsed."""
+        if not self.fields:
+            return self.source
+        out = []
+        for literal, field in self.parts:
+            out.append(literal)
+            if field is not None:
+                out.append(_value(field, sample, metadata))
+        return "".join(out)
+
+
+def parse(template: str) -> Template:
+    """Raises ValueError saying what is wrong with the template."""
+    parts = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"{e} in {template!r}; write a literal brace as {{{{ or }}}}") from None
+    for literal, field, spec, conversion in parsed:
+        if field is None:
+            parts.append((literal, None))
+            continue
+        if spec or conversion or not field:
+            raise ValueError(
+                f"'{{{field}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}' in "
+                f"{template!r}: a field is {{text}}, {{key}} or {{metadata.NAME}}, without format spec; write "
+                "a literal brace as {{ or }}"
+            )
+        root, _, rest = field.partition(".")
+        if root not in ROOTS or (root == "metadata") != bool(rest) or (rest and "" in rest.split(".")):
+            raise ValueError(
+                f"unknown field {{{field}}} in {template!r}: use {{text}}, {{key}} or {{metadata.NAME}} "
+                "(a field of the .json sidecar or a Parquet column); write a literal brace as {{ or }}"
+            )
+        parts.append((literal, field))
+    return Template(template, tuple(parts))
+
+
+def parse_metadata(sample: dict) -> dict | None:
+    raw = sample.get("metadata")
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _value(field: str, sample: dict, metadata: dict | None) -> str:
+    root, _, rest = field.partition(".")
+    if root != "metadata":
+        v = sample.get(root)
+        if v is None:
+            raise MissingField(
+                field, f"the sample has no {root}" + (" (.txt sidecar)" if root == "text" else "")
+            )
+        return str(v)
+    if metadata is None:
+        raise MissingField(field, "the sample has no JSON metadata (.json sidecar or other Parquet columns)")
+    v = metadata
+    for i, name in enumerate(rest.split(".")):
+        if not isinstance(v, dict) or v.get(name) is None:
+            where = ".".join(["metadata", *rest.split(".")[:i]])
+            raise MissingField(field, f"{where} has no field {name!r}")
+        v = v[name]
+    return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)

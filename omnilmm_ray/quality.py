@@ -1,0 +1,106 @@
+"""Caption quality flags: cheap checks on a caption's text, its finish reason and its prompt.
+
+Pure functions (no Ray, no engine), run in the engine actor right after each engine call so the retry policy
+(`quality.retry_flags`) can act on them. A flag says "look at this row", not "this row failed": flagged rows
+keep their caption and count toward the error budget only when `quality.error_budget_flags` names them.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from functools import lru_cache
+
+from omnilmm_ray.config import QualityConfig
+
+# Every flag, declared once (the `flags` column holds these names; in multi-prompt mode `name:flag`).
+FLAGS = {
+    "empty": "no text, or only whitespace",
+    "truncated": "cut off at generation.max_new_tokens (finish_reason 'length')",
+    "repetition": "degenerate repetition: a share of repeated n-grams above quality.repetition_threshold",
+    "refusal": "a refusal or boilerplate ('I'm sorry', 'As an AI', 'I cannot'), or the prompt echoed back",
+    "too_short": "fewer characters than quality.min_chars for this prompt",
+    "unexpected_script": "letters outside quality.expected_scripts above quality.script_threshold",
+}
+
+
+def repeated_ngram_share(text: str, n: int) -> float:
+    """Share of the text's n-grams that repeat an earlier one: 0 for varied text, near 1 for a loop.
+
+    Words are the tokens; text with too few words to judge (a run of one character, a script written without
+    spaces) is judged by its characters instead.
+    """
+    tokens: list[str] = text.lower().split()
+    if len(tokens) < 2 * n:
+        tokens = [c for c in text.lower() if not c.isspace()]
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    if len(grams) < 2:
+        return 0.0
+    return 1 - len(set(grams)) / len(grams)
+
+
+def script_of(ch: str) -> str | None:
+    """The Unicode script of a letter, from its character name ('LATIN', 'CYRILLIC', 'CJK', ...)."""
+    if not unicodedata.category(ch).startswith("L"):
+        return None
+    name = unicodedata.name(ch, "")
+    return name.split(" ", 1)[0] if name else None
+
+
+def foreign_letter_share(text: str, expected: frozenset[str]) -> float:
+    scripts = [s for s in map(script_of, text) if s is not None]
+    if not scripts:
+        return 0.0
+    return sum(1 for s in scripts if s not in expected) / len(scripts)
+
+
+@lru_cache(maxsize=64)
+def _refusal_re(patterns: tuple[str, ...]) -> re.Pattern | None:
+    return re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE) if patterns else None
+
+
+def _echoes(text: str, prompt: str | None) -> bool:
+    """The caption starts with the instruction itself (models sometimes repeat it before answering)."""
+    if not prompt or len(prompt) < 16:
+        return False
+    squash = " ".join(prompt.lower().split())
+    return " ".join(text.lower().split()).startswith(squash)
+
+
+def caption_flags(
+    text: str | None, finish_reason: str | None, prompt: str | None, cfg: QualityConfig, name: str = ""
+) -> list[str]:
+    """The flags of one caption, in FLAGS order. `name`: the prompt's name in multi-prompt mode, which picks
+    its `quality.min_chars` entry."""
+    text = text or ""
+    if not text.strip():
+        return ["empty"] + (["truncated"] if finish_reason == "length" else [])
+    out = []
+    if finish_reason == "length":
+        out.append("truncated")
+    if repeated_ngram_share(text, cfg.repetition_ngram) > cfg.repetition_threshold:
+        out.append("repetition")
+    pattern = _refusal_re(tuple(cfg.refusal_patterns))
+    if (pattern is not None and pattern.search(text)) or _echoes(text, prompt):
+        out.append("refusal")
+    if len(text.strip()) < cfg.min_chars_for(name):
+        out.append("too_short")
+    if cfg.expected_scripts and foreign_letter_share(
+        text, frozenset(s.upper() for s in cfg.expected_scripts)
+    ) > (cfg.script_threshold):
+        out.append("unexpected_script")
+    return out
+
+
+def flag_counts(flag_lists: list[list[str] | None]) -> dict[str, int]:
+    """Rows per flag (a row counts once per flag), most frequent first."""
+    counts: dict[str, int] = {}
+    for flags in flag_lists:
+        for f in set(flags or ()):
+            counts[f] = counts.get(f, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def base_flag(flag: str) -> str:
+    """'alt:too_short' (multi-prompt mode) -> 'too_short'."""
+    return flag.rpartition(":")[2]
