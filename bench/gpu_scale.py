@@ -14,7 +14,8 @@ Same JPEG shards (640x480, WebDataset tars on local disk), same random-weight mo
 
     python bench/gpu_scale.py --part ceilings --out /tmp/scale-ceilings.json
     python bench/gpu_scale.py --part jobs --out /tmp/scale-jobs.json
-    python bench/gpu_scale.py --report /tmp/scale-ceilings.json /tmp/scale-jobs.json > bench/results/gpu-scale.md
+    python bench/gpu_scale.py --part startup --out /tmp/scale-startup.json
+    python bench/gpu_scale.py --report /tmp/scale-*.json > bench/results/gpu-scale.md
 """
 
 from __future__ import annotations
@@ -179,7 +180,16 @@ def _commit_times(out: Path) -> list[tuple[float, int]]:
     )
 
 
-def job(model: str, shards: Path, out: Path, tokens: int, gpus: int, min_actors: int, batch: int) -> dict:
+def job(
+    model: str,
+    shards: Path,
+    out: Path,
+    tokens: int,
+    gpus: int,
+    min_actors: int,
+    batch: int,
+    ray_address: str = "local",
+) -> dict:
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
@@ -194,7 +204,7 @@ def job(model: str, shards: Path, out: Path, tokens: int, gpus: int, min_actors:
     env = {
         **os.environ,
         "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus)),
-        "RAY_ADDRESS": "local",
+        "RAY_ADDRESS": ray_address,
     }
     cmd = [sys.executable, str(ROOT / "jobs" / "caption.py"), "--config", str(cfg_path)]
     cmd += ["--input", str(shards), "--output", str(out)]
@@ -211,6 +221,9 @@ def job(model: str, shards: Path, out: Path, tokens: int, gpus: int, min_actors:
     lo, hi = commits[len(commits) // 10], commits[len(commits) * 9 // 10]
     steady = sum(c for t, c in commits if lo[0] < t <= hi[0]) / (hi[0] - lo[0])
     actor_lines = [ln.split("engine actor: ", 1)[1] for ln in r.stderr.splitlines() if "engine actor: " in ln]
+    started = [
+        ln.split("engine actor ready", 1)[1] for ln in r.stderr.splitlines() if "engine actor ready" in ln
+    ]
     return {
         "images": n,
         "end_to_end_images_per_s": n / (t1 - t0),
@@ -219,6 +232,7 @@ def job(model: str, shards: Path, out: Path, tokens: int, gpus: int, min_actors:
         "wall_s": t1 - t0,
         "gpu_util": gpu.mean(),
         "actor_timings_last": actor_lines[-2:],
+        "actor_start": started,
         "error_rows": rows.num_rows - rows.column("error").null_count,
         "output_tokens": pc.sum(rows.column("output_tokens")).as_py(),
     }
@@ -231,6 +245,26 @@ def run_jobs(args, model: str, shards: Path) -> dict:
         out = work / f"out-{name}-{time.time_ns()}"
         res[name] = job(model, shards, out, args.tokens, gpus, min_actors, args.batch)
     return res
+
+
+def run_startup(args, model: str, shards: Path) -> dict:
+    """Start-up on a warm local Ray (`ray start --head` before the job, as on a cluster): first commit."""
+    work = Path(args.work)
+    few = work / "startup-shards"
+    few.mkdir(parents=True, exist_ok=True)
+    for t in sorted(shards.glob("*.tar"))[:8]:
+        if not (few / t.name).exists():
+            (few / t.name).symlink_to(t)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"}
+    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
+    subprocess.run(
+        [*ray_cli, "start", "--head", "--num-gpus", "1", "--disable-usage-stats"], env=env, check=True
+    )
+    try:
+        out = work / f"out-startup-{time.time_ns()}"
+        return {"job_1gpu_warm_ray": job(model, few, out, args.tokens, 1, 1, args.batch, ray_address="auto")}
+    finally:
+        subprocess.run([*ray_cli, "stop", "--force"], env=env)
 
 
 def report(paths: list[str]) -> str:
@@ -281,6 +315,18 @@ def report(paths: list[str]) -> str:
             f"{gpus} x ceiling | |"
         )
     lines += ["", "Engine actor timings (last log lines of each job):", ""]
+    if "job_1gpu_warm_ray" in r:
+        w = r["job_1gpu_warm_ray"]
+        lines += [
+            "",
+            f"Start-up on a warm local Ray (`ray start --head`, then the job; {w['images']} images): first "
+            f"commit {w['first_commit_s']:.1f} s after the job's process started, end to end {w['wall_s']:.1f} s.",
+        ]
+    lines += ["", "Engine actor start (log lines of each job):", ""]
+    for name in ("job_1gpu", "job_2gpu", "job_autoscale_1to2", "job_1gpu_warm_ray"):
+        for ln in r.get(name, {}).get("actor_start", []):
+            lines.append(f"- {name}: engine actor ready{ln}")
+    lines += ["", "Engine actor timings (last log lines of each job):", ""]
     for name in ("job_1gpu", "job_2gpu", "job_autoscale_1to2"):
         for ln in r[name]["actor_timings_last"]:
             lines.append(f"- {name}: {ln}")
@@ -295,7 +341,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--seed-loop", type=int, default=2048, help="images for the seed-loop measurement")
     ap.add_argument("--work", default="/tmp/omnilmm-bench")
-    ap.add_argument("--part", choices=["ceilings", "jobs"])
+    ap.add_argument("--part", choices=["ceilings", "jobs", "startup"])
     ap.add_argument("--out")
     ap.add_argument("--report", nargs="+")
     ap.add_argument("--side", choices=["ceiling"], help=argparse.SUPPRESS)
@@ -317,7 +363,8 @@ def main() -> None:
     model_dir = work / "Qwen2-VL-2B-shapes"
     model = str(model_dir if (model_dir / "config.json").exists() else build(model_dir, shapes=QWEN2_VL_2B))
     shards = make_shards(work / "shards", args.images)
-    res = run_ceilings(args, model, shards) if args.part == "ceilings" else run_jobs(args, model, shards)
+    part = {"ceilings": run_ceilings, "jobs": run_jobs, "startup": run_startup}[args.part]
+    res = part(args, model, shards)
     res["meta"] = {
         "date": time.strftime("%Y-%m-%d"),
         "gpu": torch.cuda.get_device_name(0),
@@ -330,7 +377,7 @@ def main() -> None:
         "tokens": args.tokens,
         "batch": args.batch,
         "commands": "`python bench/gpu_scale.py --part ceilings --out C.json`, `... --part jobs --out J.json`, "
-        "`... --report C.json J.json`",
+        "`... --part startup --out S.json`, `... --report C.json J.json S.json`",
     }
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
