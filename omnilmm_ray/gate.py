@@ -7,16 +7,18 @@ tasks wait here, and the first actor to resolve the backend opens the gate (or s
 A model that no engine serves therefore still fails the job before any shard is read, and the plan is
 written only after the gate opened (job.py), so such a job leaves no run behind.
 
-The answer lives in Ray's GCS key-value store under this attempt of the job (faults.attempt_id), beside
-the flight records, and is dropped with them when the pipeline ends.
+The answer lives in Ray's GCS key-value store (beside the flight records) under a key made for one
+pipeline (`new_key`), so a second pipeline in the same driver (the Python API) never sees an earlier answer;
+the driver drops it when the pipeline ends.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 
-from omnilmm_ray.faults import _LocalKV, _ray_context, _RayKV, attempt_id
+from omnilmm_ray.faults import _LocalKV, _ray_context, _RayKV
 
 # Backends whose engine actor takes the model's patches from the CPU workers (vision.py) instead of images.
 TAKES_PATCHES = ("turbomind", "fake")
@@ -43,31 +45,34 @@ def _kv():
     return _RayKV() if _ray_context() else _local
 
 
-def _key() -> str:
-    return f"{attempt_id()}/engine"
+def new_key() -> str:
+    return f"gate/{uuid.uuid4().hex}"
 
 
-def open_gate(backend: str) -> None:
-    _kv().put(_key(), json.dumps({"backend": backend}).encode())
+def open_gate(key: str, backend: str) -> None:
+    _kv().put(key, json.dumps({"backend": backend}).encode())
 
 
-def shut_gate(reason: str) -> None:
-    _kv().put(_key(), json.dumps({"error": reason}).encode())
+def shut_gate(key: str, reason: str) -> None:
+    _kv().put(key, json.dumps({"error": reason}).encode())
 
 
-def peek() -> dict | None:
-    """The gate's state for this attempt: {"backend": ...}, {"error": ...}, or None while undecided."""
-    v = _kv().get(_key())
+def clear(key: str) -> None:
+    _kv().delete(key)
+
+
+def peek(key: str) -> dict | None:
+    """The gate's state: {"backend": ...}, {"error": ...}, or None while undecided."""
+    v = _kv().get(key)
     return json.loads(v) if v else None
 
 
-def wait_open(timeout_s: float, poll_s: float = 0.25) -> str:
+def wait_open(key: str, timeout_s: float, poll_s: float = 0.25) -> str:
     """The resolved backend; raises EngineRefused / EngineNotStarted. Polls: one KV read per `poll_s`."""
-    key = _key()
     if key in _opened:
         return _opened[key]
     deadline = time.monotonic() + timeout_s
-    while (state := peek()) is None:
+    while (state := peek(key)) is None:
         if time.monotonic() > deadline:
             raise EngineNotStarted(timeout_s)
         time.sleep(poll_s)

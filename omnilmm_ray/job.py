@@ -112,10 +112,10 @@ def preflight(cfg: JobConfig) -> str:
     return backend
 
 
-def _engine_refused(cfg: JobConfig, e: BaseException | None) -> str | None:
+def _engine_refused(cfg: JobConfig, key: str, e: BaseException | None) -> str | None:
     """Why the pipeline failed, when it was the gate (gate.py): a model no engine serves, or no engine
-    actor started in time. Read before the attempt's records are cleared."""
-    state = gate.peek()
+    actor started in time."""
+    state = gate.peek(key)
     if state and "error" in state:
         return state["error"]
     while e is not None and state is None:  # Ray Data wraps a task's exception in its own
@@ -288,14 +288,15 @@ def run_job(
         if todo:
             from omnilmm_ray.pipeline import caption_batches
 
+            key = gate.new_key()
             batches = caption_batches(
-                todo, cfg, run.uri, reuse, progress.done_indices, processor_offload(cfg)
+                todo, cfg, run.uri, reuse, progress.done_indices, processor_offload(cfg), key
             )
             reporter.start()
             try:
                 for batch in batches:
                     if backend is None:  # rows came back: the gate opened, an engine serves the model
-                        backend = gate.wait_open(0)
+                        backend = gate.wait_open(key, 0)
                         log.info("engine: %s -> %s backend", cfg.engine.model, backend)
                         lease.ensure()
                         table.write_plan(run)
@@ -305,7 +306,7 @@ def run_job(
                     committer.add(batch)
                     reporter.observe(batch, len(committer.committed))
             except Exception as e:
-                refused = _engine_refused(cfg, e)
+                refused = _engine_refused(cfg, key, e)
                 if refused:
                     raise ConfigError(refused) from None
                 raise
@@ -314,6 +315,7 @@ def run_job(
                 # whenever the iterator is garbage-collected; then drop this attempt's flight records.
                 batches.close()
                 clear_flight_records()
+                gate.clear(key)
                 reporter.stop()
         if committer.uncommitted():
             raise RuntimeError(

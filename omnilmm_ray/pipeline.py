@@ -59,6 +59,7 @@ def build_dataset(
     reuse: dict | None,
     skip: dict[str, set[int]] | None = None,
     vision=None,
+    gate_key: str | None = None,
 ) -> ray.data.Dataset:
     """`skip`: per shard, sample indices already committed in part files (not read into the pipeline).
     `vision`: the model's image processor to run on the CPU workers (vision.py), or None."""
@@ -76,13 +77,17 @@ def build_dataset(
     # Start the engine actors before anything is read: the first to resolve the model's backend opens the
     # gate the read tasks wait at (gate.py), and an actor that cannot be placed in time fails the job here.
     ds.context.wait_for_min_actors_s = cfg.engine.start_timeout_s
+    # Keep an engine actor until the inputs run out: Ray Data's autoscaler would release one whose
+    # utilisation dips (seen right after start, while the first blocks are still being read), and starting
+    # an engine again costs ~15 s of a GPU. Scaling up, and down once everything is read, are unchanged.
+    ds.context.actor_pool_util_downscaling_threshold = -1.0
     bytes_per_pixel = 12 if vision is not None else 3
     ds.context.target_max_block_size = max(
         1 << 20, cfg.scale.batch_size * cfg.preprocess.max_side**2 * bytes_per_pixel // 2
     )
     ds = ds.map_batches(
         read_shards,
-        fn_kwargs={"cfg": cfg},
+        fn_kwargs={"cfg": cfg, "gate_key": gate_key},
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=READ_CPUS,
@@ -90,7 +95,7 @@ def build_dataset(
     )
     ds = ds.map_batches(
         preprocess_stage,
-        fn_kwargs={"cfg": cfg.preprocess, "vision": vision},
+        fn_kwargs={"cfg": cfg.preprocess, "vision": vision, "gate_key": gate_key},
         batch_size=cfg.preprocess.batch_size,
         batch_format="pyarrow",
         num_cpus=cfg.preprocess.num_cpus,
@@ -105,6 +110,7 @@ def build_dataset(
             "run_uri": run_uri,
             "reuse": ray.put(reuse or {}),
             "vision": vision,
+            "gate_key": gate_key,
         },
         **engine_placement(cfg),
     )
@@ -178,6 +184,7 @@ def caption_batches(
     reuse: dict | None,
     skip: dict[str, set[int]] | None = None,
     vision=None,
+    gate_key: str | None = None,
 ) -> Iterator[pa.Table]:
-    ds = build_dataset(shards, cfg, run_uri, reuse, skip, vision)
+    ds = build_dataset(shards, cfg, run_uri, reuse, skip, vision, gate_key)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")

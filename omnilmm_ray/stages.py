@@ -35,18 +35,21 @@ def _ids(todo: list[tuple[dict, Image.Image, dict]]) -> list[str]:
     return [f"{r['shard_id']}:{r['sample_index']}" for r, _, _ in todo]
 
 
-def read_shards(batch: pa.Table, cfg: JobConfig) -> Iterator[pa.Table]:
+def read_shards(batch: pa.Table, cfg: JobConfig, gate_key: str | None = None) -> Iterator[pa.Table]:
     """One row per shard (its JSON plan entry, indices to skip) -> SAMPLE_SCHEMA blocks, streamed.
 
     Nothing is read before an engine actor resolved the model's backend (gate.py)."""
-    gate.wait_open(cfg.engine.start_timeout_s)
+    if gate_key:
+        gate.wait_open(gate_key, cfg.engine.start_timeout_s)
     for d, skip in zip(batch.column("shard").to_pylist(), batch.column("skip").to_pylist()):
         yield from read_shard(Shard.from_dict(json.loads(d)), cfg.input, set(json.loads(skip)))
 
 
-def preprocess_stage(batch: pa.Table, cfg: PreprocessConfig, vision=None) -> pa.Table:
+def preprocess_stage(
+    batch: pa.Table, cfg: PreprocessConfig, vision=None, gate_key: str | None = None
+) -> pa.Table:
     """`vision` is used only when the resolved backend takes patches (the gate is open: reads waited)."""
-    takes_patches = vision is not None and gate.wait_open(0) in gate.TAKES_PATCHES
+    takes_patches = vision is not None and (not gate_key or gate.wait_open(gate_key, 0) in gate.TAKES_PATCHES)
     return preprocess_batch(batch, cfg, vision if takes_patches else None)
 
 
@@ -131,15 +134,20 @@ class CaptionStage:
     as an `engine_crash` error row instead of killing actors forever.
     """
 
-    def __init__(self, cfg: JobConfig, run_uri: str, reuse=None, vision=None):
-        """`run_uri`: where the fake engine's crash drill leaves its marker ("" outside a job)."""
+    def __init__(self, cfg: JobConfig, run_uri: str, reuse=None, vision=None, gate_key: str | None = None):
+        """`run_uri`: where the fake engine's crash drill leaves its marker ("" outside a job);
+        `gate_key`: the gate (gate.py) this actor opens once it resolved the model's backend."""
         t0 = time.monotonic()
         try:
             backend = resolve_backend(cfg.engine)
         except ValueError as e:
-            gate.shut_gate(str(e))  # the driver fails the job with this reason; no shard was read
+            if gate_key:
+                gate.shut_gate(
+                    gate_key, str(e)
+                )  # the driver fails the job with this reason; no shard was read
             raise
-        gate.open_gate(backend)
+        if gate_key:
+            gate.open_gate(gate_key, backend)
         resolved_s = time.monotonic() - t0
         if reuse is not None and not isinstance(reuse, dict):  # an ObjectRef: shared once, fetched per actor
             import ray

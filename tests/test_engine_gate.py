@@ -56,13 +56,19 @@ def test_no_engine_actor_starting_in_time_is_a_config_error(ray_local, tmp_path)
     assert not list((tmp_path / "out").glob("run=*"))
 
 
-def test_the_engine_actor_opens_or_shuts_the_gate_without_ray(tmp_path):
+def test_the_engine_actor_opens_or_shuts_its_gate(tmp_path):
     ok = JobConfig(inputs=["x"], output=str(tmp_path), engine={"backend": "fake"})
-    CaptionStage(ok, str(tmp_path))
-    assert gate.wait_open(0) == "fake"
+    key = gate.new_key()
+    with pytest.raises(gate.EngineNotStarted, match="within 0s"):
+        gate.wait_open(key, 0)
+    CaptionStage(ok, str(tmp_path), gate_key=key)
+    assert gate.wait_open(key, 0) == "fake"
     refused = ok.model_copy(update={"engine": ok.engine.model_copy(update={"fake_refuse": "no"})})
-    gate._opened.clear()
+    key2 = gate.new_key()
     with pytest.raises(ValueError, match="engine.model"):
-        CaptionStage(refused, str(tmp_path))
+        CaptionStage(refused, str(tmp_path), gate_key=key2)
     with pytest.raises(gate.EngineRefused, match="engine.model: .*: no"):
-        gate.wait_open(0)
+        gate.wait_open(key2, 0)
+    assert gate.wait_open(key, 0) == "fake", "each pipeline has its own gate"
+    gate.clear(key2)
+    assert gate.peek(key2) is None
