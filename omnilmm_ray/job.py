@@ -8,17 +8,24 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 
-import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
-from omnilmm_ray.commit import ShardCommitter, load_progress, remove_files, reopen_failed_shards, verify_run
+from omnilmm_ray.commit import (
+    RunCounts,
+    ShardCommitter,
+    load_progress,
+    remove_files,
+    reopen_failed_shards,
+    verify_run,
+)
 from omnilmm_ray.config import ConfigError, JobConfig
 from omnilmm_ray.errors import as_config_error, storage_access
 from omnilmm_ray.faults import clear_flight_records, kill_point
 from omnilmm_ray.lease import Lease
 from omnilmm_ray.redact import redact_text
+from omnilmm_ray.reuse import build_index
 from omnilmm_ray.schema import SHARD_KINDS
 from omnilmm_ray.storage import join, read_json, write_bytes_atomic, write_json
 from omnilmm_ray.table import OutputTable, Run
@@ -146,15 +153,9 @@ def describe(cfg: JobConfig, run: Run) -> dict:
     }
 
 
-def summarize(cfg: JobConfig, run: Run, rows: pa.Table, attempt: dict) -> dict:
-    kinds = rows.column("error_kind").to_pylist()
-    examples: dict[str, list[str]] = defaultdict(list)
-    for k, src, key in zip(kinds, rows.column("source").to_pylist(), rows.column("key").to_pylist()):
-        if k and len(examples[k]) < 3:
-            examples[k].append(f"{src}#{key}")
-    counts = Counter(k for k in kinds if k)
-    n = len(rows)
-    errors = sum(counts.values())
+def summarize(cfg: JobConfig, run: Run, counts: RunCounts, attempt: dict) -> dict:
+    n = counts.rows
+    errors = sum(counts.errors.values())
     return {
         "run": run.run_id,
         "status": "succeeded",
@@ -162,16 +163,15 @@ def summarize(cfg: JobConfig, run: Run, rows: pa.Table, attempt: dict) -> dict:
         "counts": {
             "ok": n - errors,
             "error": errors,
-            "cached": sum(1 for c in rows.column("cached").to_pylist() if c),
-            "skipped_without_image": int(rows.schema.metadata[b"skipped"]),
+            "cached": counts.cached,
+            "skipped_without_image": counts.skipped,
         },
         "error_rate": errors / n if n else 0.0,
-        "failed_shards": sum(c for k, c in counts.items() if k in SHARD_KINDS),
-        "errors_by_kind": {k: {"count": c, "examples": examples[k]} for k, c in counts.most_common()},
-        "tokens": {
-            "input": pa.compute.sum(rows.column("input_tokens")).as_py() or 0,
-            "output": pa.compute.sum(rows.column("output_tokens")).as_py() or 0,
+        "failed_shards": sum(c for k, c in counts.errors.items() if k in SHARD_KINDS),
+        "errors_by_kind": {
+            k: {"count": c, "examples": counts.examples[k]} for k, c in counts.errors.most_common()
         },
+        "tokens": {"input": counts.input_tokens, "output": counts.output_tokens},
         "shards": len(run.shards),
         "this_attempt": attempt,
         "config": cfg.model_dump(mode="json"),
@@ -208,7 +208,7 @@ def run_job(
             len(run.shards),
             len(run.shards) - len(todo),
         )
-        reuse = table.reuse_cache(cfg) if cfg.sink.reuse_captions else {}
+        reuse = table.reuse_index() if cfg.sink.reuse_captions else None
         committer = ShardCommitter(run.uri, todo, cfg.sink.storage_options, cfg.sink.commit_rows, progress)
         t0, processed = time.time(), 0
         if todo:
@@ -232,7 +232,7 @@ def run_job(
             )
         wall = time.time() - t0
         kill_point("verify")
-        rows = verify_run(run.uri, run.shards, cfg.sink.storage_options)
+        counts = verify_run(run.uri, run.shards, cfg.sink.storage_options)
         attempt = {
             "resumed": run.resumed,
             "shards_committed_before": len(run.shards) - len(todo),
@@ -244,7 +244,7 @@ def run_job(
             "images_per_s": round(processed / wall, 3) if wall > 0 else None,
             "backend": backend,
         }
-        summary = summarize(cfg, run, rows, attempt)
+        summary = summarize(cfg, run, counts, attempt)
         over = (
             summary["error_rate"] > cfg.sink.max_error_rate
             or summary["failed_shards"] > cfg.sink.max_failed_shards
@@ -264,5 +264,7 @@ def run_job(
                 f"{dict(list(summary['errors_by_kind'].items())[:3])}"
             )
         lease.ensure()
+        # Before the seal: a crash up to here leaves the run unsealed, and its resumption writes the index.
+        build_index(run.uri, [s.shard_id for s in run.shards], counts.rows, cfg.sink.storage_options)
         write_bytes_atomic(fs, join(path, "_SUCCESS"), b"")
         return summary

@@ -16,6 +16,7 @@ from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from omnilmm_ray.config import JobConfig
 from omnilmm_ray.preprocess import preprocess_batch
+from omnilmm_ray.reuse import ReuseIndex, apply_reuse
 from omnilmm_ray.sources import Shard
 from omnilmm_ray.stages import CaptionStage, read_shards
 
@@ -44,11 +45,12 @@ def build_dataset(
     shards: list[Shard],
     cfg: JobConfig,
     run_uri: str,
-    reuse: dict | None,
+    reuse: ReuseIndex | None,
     skip: dict[str, set[int]] | None = None,
     vision=None,
 ) -> ray.data.Dataset:
-    """`skip`: per shard, sample indices already committed in part files (not read into the pipeline).
+    """`reuse`: the index of earlier runs' captions, looked up after decoding (None: nothing to reuse).
+    `skip`: per shard, sample indices already committed in part files (not read into the pipeline).
     `vision`: the model's image processor to run on the CPU workers (vision.py), or None."""
     skip = skip or {}
     items = [
@@ -80,17 +82,19 @@ def build_dataset(
         batch_format="pyarrow",
         num_cpus=cfg.preprocess.num_cpus,
     )
+    if reuse is not None:
+        # Same resources and batch size as preprocessing, so Ray Data fuses the two into one task. The
+        # index is a list of URIs; each task reads only the index row groups its batch's hashes fall in.
+        ds = ds.map_batches(
+            apply_reuse,
+            fn_kwargs={"index": reuse, "prompt": cfg.prompt},
+            batch_size=cfg.preprocess.batch_size,
+            batch_format="pyarrow",
+            num_cpus=cfg.preprocess.num_cpus,
+        )
     ds = ds.map_batches(
         CaptionStage,
-        # The reuse cache is put once and fetched per actor. Ray warns that constructor args in the object
-        # store can break actor restarts if they go out of scope (ray-project/ray#53727); the driver holds
-        # this reference for the whole run, and the actor-crash tests restart actors with it.
-        fn_constructor_kwargs={
-            "cfg": cfg,
-            "run_uri": run_uri,
-            "reuse": ray.put(reuse or {}),
-            "vision": vision,
-        },
+        fn_constructor_kwargs={"cfg": cfg, "run_uri": run_uri, "vision": vision},
         batch_size=cfg.scale.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(
@@ -111,7 +115,7 @@ def caption_batches(
     shards: list[Shard],
     cfg: JobConfig,
     run_uri: str,
-    reuse: dict | None,
+    reuse: ReuseIndex | None,
     skip: dict[str, set[int]] | None = None,
     vision=None,
 ) -> Iterator[pa.Table]:

@@ -94,19 +94,14 @@ def _caption_row(r: dict, cfg: JobConfig, c: Caption, cached: bool) -> dict:
 class CaptionStage:
     """The GPU actor: builds one engine in `__init__`, captions fixed-size batches in `__call__`.
 
-    `reuse` maps image sha256 -> an earlier run's caption (same model, prompt and settings); those rows
-    skip the engine. An engine that dies takes the actor down with it; Ray restarts the actor and retries
+    Rows an earlier run already captioned arrive with `cached` set and their caption (reuse.apply_reuse,
+    a CPU stage before this one); they skip the engine. An engine that dies takes the actor down with it; Ray restarts the actor and retries
     the batch, which the flight recorder then splits so that an image that kills engines by itself ends
     as an `engine_crash` error row instead of killing actors forever.
     """
 
-    def __init__(self, cfg: JobConfig, run_uri: str, reuse=None, vision=None):
-        if reuse is not None and not isinstance(reuse, dict):  # an ObjectRef: shared once, fetched per actor
-            import ray
-
-            reuse = ray.get(reuse)
+    def __init__(self, cfg: JobConfig, run_uri: str, vision=None):
         self.cfg = cfg
-        self.reuse = reuse or {}
         self.vision = vision  # vision.VisionSpec: pixels arrive as the model's patches (preprocess_batch)
         # What besides the image bytes determines the patches: fixed for the job, so built once, not per image.
         self._fingerprint_settings = f"|{cfg.preprocess.max_side}|{vision}"
@@ -139,12 +134,13 @@ class CaptionStage:
             pw, ph = r.pop("pw"), r.pop("ph")
             if r["shard_rows"] is not None:  # end marker
                 continue
+            hit = r.get("cached")
             r.update(model=self.cfg.model_label, prompt=self.cfg.prompt, cached=False)
             if r["error"] is not None:
                 continue
-            hit = self.reuse.get(r["sha256"])
-            if hit is not None:
-                _caption_row(r, self.cfg, Caption(**hit), cached=True)
+            if hit:
+                c = Caption(r["caption"], r["input_tokens"], r["output_tokens"], r["finish_reason"])
+                _caption_row(r, self.cfg, c, cached=True)
             else:
                 todo.append((r, self._image(r, px, pw, ph)))
         self.timer.start("engine")

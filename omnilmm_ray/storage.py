@@ -68,7 +68,9 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any | None:
         return None
 
 
-def write_parquet_atomic(fs: fsspec.AbstractFileSystem, path: str, t: pa.Table) -> None:
+def write_parquet_atomic(
+    fs: fsspec.AbstractFileSystem, path: str, t: pa.Table, row_group_size: int | None = None
+) -> None:
     buf = io.BytesIO()
-    pq.write_table(t, buf, compression="zstd")
+    pq.write_table(t, buf, compression="zstd", row_group_size=row_group_size)
     write_bytes_atomic(fs, path, buf.getvalue())

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from omnilmm_ray.commit import shard_file
 from omnilmm_ray.config import ConfigError, JobConfig, generation_fingerprint
+from omnilmm_ray.reuse import ReuseIndex, open_index
 from omnilmm_ray.schema import SHARD_KINDS
 from omnilmm_ray.sources import Retry, Shard, plan_shards, without_done
 from omnilmm_ray.storage import join, read_json, resolve, write_json
@@ -218,24 +219,10 @@ class OutputTable:
             seen.add(k)
         return t.filter(pa.array(keep))
 
-    def reuse_cache(self, cfg: JobConfig) -> dict[str, dict]:
-        """sha256 -> caption fields of successful rows in sealed runs (same settings: see open_run)."""
-        t = self.read_committed(
-            ["sha256", "caption", "input_tokens", "output_tokens", "finish_reason", "error"]
-        )
-        if not len(t):
-            return {}
-        t = t.filter(pc.and_(pc.is_null(t.column("error")), pc.is_valid(t.column("sha256"))))
-        out = {}
-        for r in t.select(
-            ["sha256", "caption", "input_tokens", "output_tokens", "finish_reason"]
-        ).to_pylist():
-            sha = r.pop("sha256")
-            out[sha] = {
-                "text": r["caption"],
-                **{k: r[k] for k in ("input_tokens", "output_tokens", "finish_reason")},
-            }
-        return out
+    def reuse_index(self) -> ReuseIndex | None:
+        """Captions of sealed runs by (sha256, prompt) (same settings: see open_run), or None when there
+        are none; indexes missing from runs sealed before they existed are built here, once."""
+        return open_index(self.uri, self.sealed_runs(), self.plan_of, self.opts)
 
 
 def latest_to_parquet(output_uri: str, dest_uri: str, storage_options: dict | None = None) -> int:
