@@ -103,15 +103,17 @@ def build(rows: int, out: Path, cfg: JobConfig, planted: list[str]) -> dict:
     return {"rows": counts.rows, "shards": len(shards), "build_s": round(time.time() - t0, 1)}
 
 
-# Each probe runs in a fresh interpreter and prints {"s": seconds, "peak_mb": RSS peak, "base_mb": RSS after
-# imports, ...}; `extra_mb` is peak minus base: what the measured step itself added.
+# Each probe runs in a fresh interpreter and prints {"s": seconds, "peak_mb": its RSS peak (VmHWM), "base_mb":
+# RSS after imports, ...}; `extra_mb` is peak minus base: what the measured step itself added.
 PROBE = r"""
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, {root!r})
 {imports}
-def rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-base = rss_mb()
+def rss_mb(field="VmHWM"):  # not getrusage: ru_maxrss survives fork+exec, so it would show the parent's
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+base = rss_mb("VmRSS")
 t0 = time.time()
 extra = {{}}
 {body}
