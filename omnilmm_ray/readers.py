@@ -155,6 +155,18 @@ def _parquet_samples(f, cfg: InputConfig, uri: str) -> Iterator[dict]:
             i += 1
 
 
+def _get(fs, path: str) -> bytes:
+    """One whole object in one request. s3fs's `cat_file` asks for the size first (a HEAD before every GET,
+    to split big objects into concurrent ranges: s3fs/core.py `_cat_file`); a read from byte 0 on is a
+    single ranged GET on every fsspec store."""
+    try:
+        return fs.cat_file(path, start=0)
+    except FileNotFoundError:
+        raise
+    except OSError:  # a store that refuses the range (an empty object may answer 416): the plain read
+        return fs.cat_file(path)
+
+
 def _file_samples(shard: Shard, cfg: InputConfig) -> Iterator[dict]:
     fs, root = resolve(shard.uri, cfg.storage_options)
     listed = shard.sidecars or (None,) * len(shard.members)
@@ -165,11 +177,11 @@ def _file_samples(shard: Shard, cfg: InputConfig) -> Iterator[dict]:
         # The plan lists the sidecars beside each image; only a plan made before it did makes us probe.
         for ext in ("json", "txt") if exts is None else [e for e in exts.split(",") if e]:
             try:
-                side[ext] = fs.cat_file(f"{stem}.{ext}").decode("utf-8", "replace")
+                side[ext] = _get(fs, f"{stem}.{ext}").decode("utf-8", "replace")
             except (FileNotFoundError, IsADirectoryError):
                 side[ext] = None
         try:
-            img = fs.cat_file(path)
+            img = _get(fs, path)
         except FileNotFoundError:
             yield {
                 "key": key,
