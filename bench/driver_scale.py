@@ -173,12 +173,67 @@ def measure(out: Path, new_dir: Path, work: Path) -> dict:
     return res
 
 
+def s3_verify(shards: int, work: Path) -> dict:
+    """verify_run over `shards` small committed shard files on a local S3 server (moto's)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update({**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
+    try:
+        time.sleep(3)
+        from omnilmm_ray.storage import resolve
+
+        fs, _ = resolve("s3://verify")
+        fs.mkdir("verify")
+        shard_list = [Shard(f"v{s:06d}", "tar", f"s3://in/{s}.tar") for s in range(shards)]
+        committer = ShardCommitter("s3://verify/run=1", shard_list)
+        t0 = time.time()
+        rng = np.random.default_rng(0)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(16) as ex:  # only to build the test data faster; the committer is the job's
+            committer.pending = {s.shard_id: _pending(s, rng) for s in shard_list}
+            list(ex.map(lambda s: committer._commit(s.shard_id, committer.pending[s.shard_id]), shard_list))
+        built = time.time() - t0
+        return {
+            "shards": shards,
+            "write_s": round(built, 1),
+            **probe(
+                "from omnilmm_ray.commit import verify_run\nfrom omnilmm_ray.sources import Shard",
+                f"shards = [Shard(f'v{{s:06d}}', 'tar', f's3://in/{{s}}.tar') for s in range({shards})]\n"
+                "c = verify_run('s3://verify/run=1', shards); extra = {'rows': c.rows}",
+            ),
+        }
+    finally:
+        server.terminate()
+
+
+def _pending(s: Shard, rng):
+    from omnilmm_ray.commit import _Pending
+
+    t = _shard_table(s.shard_id, 0, 10, [], rng)
+    rows = t.slice(0, 10)
+    return _Pending(tables=[rows], seen=set(range(10)), rows=10, expected=list(range(10)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--work", type=Path, default=Path("/tmp/driver-scale"))
     ap.add_argument("--keep", action="store_true", help="reuse built histories from an earlier call")
+    ap.add_argument("--s3-verify-shards", type=int, default=0, help="also: verify_run of N shards on moto")
     a = ap.parse_args()
+    if a.s3_verify_shards:
+        print("RESULTS " + json.dumps({"s3_verify": s3_verify(a.s3_verify_shards, a.work)}))
+        return
     cfg = JobConfig(inputs=["x"], output="o", engine={"backend": "fake"})
     images = nightly_images()
     new_dir = a.work / "new"

@@ -5,8 +5,9 @@ Only the driver writes output data. It collects each shard's captioned rows and 
 shard go to a *part* file (`<shard>.part-NNNNN.parquet`, one atomic put each); once the shard's end marker
 and all its rows are in, parts and remaining rows are merged into the shard's file (one atomic put), and
 the parts are removed. A rerun after any crash skips complete shards unread and re-reads a partial shard
-skipping the indices its parts hold, so no row is captioned into the output twice and at most
-`commit_rows` rows per shard in flight are redone. `verify_run` checks every planned shard before the
+skipping the indices its parts hold, so no row is captioned into the output twice; what a crash redoes
+per shard is the rows not yet in a part: up to `commit_rows` that reached the driver, plus those still in
+the pipeline. `verify_run` checks every planned shard before the
 run's `_SUCCESS` marker is written.
 """
 
