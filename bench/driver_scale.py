@@ -121,8 +121,8 @@ print("PROBE " + json.dumps({{"s": round(time.time() - t0, 2), "peak_mb": round(
 """
 
 
-def probe(imports: str, body: str, env: dict | None = None) -> dict:
-    code = PROBE.format(root=str(ROOT), imports=imports, body=body)
+def probe(imports: str, body: str, env: dict | None = None, root: Path = ROOT) -> dict:
+    code = PROBE.format(root=str(root), imports=imports, body=body)
     r = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **(env or {})}
     )
@@ -134,20 +134,30 @@ def probe(imports: str, body: str, env: dict | None = None) -> dict:
     return out
 
 
-def measure(out: Path, new_dir: Path, work: Path) -> dict:
-    res = {}
-    common = "from omnilmm_ray import cli, job\nfrom omnilmm_ray.table import OutputTable, latest_to_parquet"
+def nightly(out: Path, new_dir: Path, root: Path = ROOT) -> dict:
+    """The nightly job over the new shard, in a fresh process running the code at `root`; the run it adds
+    is removed after, so every measurement sees the same history."""
     before = set(p.name for p in out.glob("run=*"))
     args = ["--input", str(new_dir), "--output", str(out), "--engine", "fake"]
-    res["nightly_job"] = probe(
-        common,
+    res = probe(
+        "from omnilmm_ray import cli\nfrom omnilmm_ray.table import OutputTable",
         f"code = cli.main({args!r})\n"
         f"t = OutputTable({str(out)!r}); s = json.load(open(t.path + '/run=' + t.sealed_runs()[-1] + '/_summary.json'))\n"
         "extra = {'exit': code, 'rows': s['rows'], 'reused': s['counts']['cached']}",
+        root=root,
     )
     for p in out.glob("run=*"):
         if p.name not in before:
-            shutil.rmtree(p)  # keep each measurement on the same history
+            shutil.rmtree(p)
+    return res
+
+
+def measure(out: Path, new_dir: Path, work: Path, baseline: Path | None) -> dict:
+    res = {}
+    common = "from omnilmm_ray import cli, job\nfrom omnilmm_ray.table import OutputTable, latest_to_parquet"
+    res["nightly_job"] = nightly(out, new_dir)
+    if baseline:
+        res["nightly_job_baseline_code"] = nightly(out, new_dir, baseline)
     shas = [hashlib.sha256(b).hexdigest() for b in nightly_images()]
     res["reuse_lookup_worker"] = probe(
         common + "\nimport pyarrow as pa",
@@ -229,6 +239,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--work", type=Path, default=Path("/tmp/driver-scale"))
     ap.add_argument("--keep", action="store_true", help="reuse built histories from an earlier call")
+    ap.add_argument("--baseline", type=Path, help="also run the nightly job with the code in this folder")
+    ap.add_argument("--only-nightly", action="store_true", help="measure the nightly job(s) only")
     ap.add_argument("--s3-verify-shards", type=int, default=0, help="also: verify_run of N shards on moto")
     a = ap.parse_args()
     if a.s3_verify_shards:
@@ -249,7 +261,12 @@ def main() -> None:
             built = {"rows": rows, "build_s": None}
         built["disk_mb"] = round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20)
         print(f"built {rows}: {built}", flush=True)
-        results[rows] = {"built": built, **measure(out, new_dir, a.work)}
+        if a.only_nightly:
+            results[rows] = {"built": built, "nightly_job": nightly(out, new_dir)}
+            if a.baseline:
+                results[rows]["nightly_job_baseline_code"] = nightly(out, new_dir, a.baseline)
+        else:
+            results[rows] = {"built": built, **measure(out, new_dir, a.work, a.baseline)}
         print(json.dumps(results[rows], indent=1), flush=True)
     print("RESULTS " + json.dumps(results))
 
