@@ -144,6 +144,7 @@ def nightly(out: Path, new_dir: Path, root: Path = ROOT) -> dict:
         f"code = cli.main({args!r})\n"
         f"t = OutputTable({str(out)!r}); s = json.load(open(t.path + '/run=' + t.sealed_runs()[-1] + '/_summary.json'))\n"
         "extra = {'exit': code, 'rows': s['rows'], 'reused': s['counts']['cached']}",
+        env={"PYTHONPATH": str(root)},  # Ray workers import the same code as the driver
         root=root,
     )
     for p in out.glob("run=*"):

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from omnilmm_ray import schema
 from omnilmm_ray.faults import kill_point
 from omnilmm_ray.sources import Shard
-from omnilmm_ray.storage import join, resolve, write_parquet_atomic
+from omnilmm_ray.storage import join, read_whole, resolve, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -209,11 +209,10 @@ VERIFY_THREADS = 32  # reads in flight: object stores answer each GET in tens of
 
 def _verify_shard(fs, path: str, s: Shard) -> RunCounts:
     f = shard_file(path, s.shard_id)
-    try:
-        with fs.open(f, "rb") as fh:
-            pf = pq.ParquetFile(fh)
-            md = pf.schema_arrow.metadata or {}
-            t = pf.read(columns=VERIFY_COLUMNS)
+    try:  # one GET per shard file (opening it would cost a HEAD and ranged GETs)
+        pf = pq.ParquetFile(pa.BufferReader(read_whole(fs, f)))
+        md = pf.schema_arrow.metadata or {}
+        t = pf.read(columns=VERIFY_COLUMNS)
     except FileNotFoundError:
         raise RuntimeError(f"shard {s.uri} has no committed file {f}") from None
     n = int(md[b"omnilmm.shard_rows"])

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from omnilmm_ray import schema
 from omnilmm_ray.config import InputConfig
 from omnilmm_ray.sources import IMAGE_EXTS, Shard
-from omnilmm_ray.storage import join, resolve
+from omnilmm_ray.storage import join, read_whole, resolve
 
 log = logging.getLogger(__name__)
 
@@ -155,18 +155,6 @@ def _parquet_samples(f, cfg: InputConfig, uri: str) -> Iterator[dict]:
             i += 1
 
 
-def _get(fs, path: str) -> bytes:
-    """One whole object in one request. s3fs's `cat_file` asks for the size first (a HEAD before every GET,
-    to split big objects into concurrent ranges: s3fs/core.py `_cat_file`); a read from byte 0 on is a
-    single ranged GET on every fsspec store."""
-    try:
-        return fs.cat_file(path, start=0)
-    except FileNotFoundError:
-        raise
-    except OSError:  # a store that refuses the range (an empty object may answer 416): the plain read
-        return fs.cat_file(path)
-
-
 def _file_samples(shard: Shard, cfg: InputConfig) -> Iterator[dict]:
     fs, root = resolve(shard.uri, cfg.storage_options)
     listed = shard.sidecars or (None,) * len(shard.members)
@@ -177,11 +165,11 @@ def _file_samples(shard: Shard, cfg: InputConfig) -> Iterator[dict]:
         # The plan lists the sidecars beside each image; only a plan made before it did makes us probe.
         for ext in ("json", "txt") if exts is None else [e for e in exts.split(",") if e]:
             try:
-                side[ext] = _get(fs, f"{stem}.{ext}").decode("utf-8", "replace")
+                side[ext] = read_whole(fs, f"{stem}.{ext}").decode("utf-8", "replace")
             except (FileNotFoundError, IsADirectoryError):
                 side[ext] = None
         try:
-            img = _get(fs, path)
+            img = read_whole(fs, path)
         except FileNotFoundError:
             yield {
                 "key": key,

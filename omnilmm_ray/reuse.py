@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from omnilmm_ray.storage import join, read_json, resolve, write_json, write_parquet_atomic
+from omnilmm_ray.storage import join, read_json, read_whole, resolve, write_json, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,10 @@ def _prefixes(chars: int) -> list[str]:
 
 def _index_rows(fs, run_path: str, sid: str, *, lo: str, hi: str) -> pa.Table:
     """A shard file's successful rows whose hex sha256 lies in [lo, hi], as INDEX_SCHEMA."""
-    with fs.open(join(run_path, f"{sid}.parquet"), "rb") as f:
-        t = pq.read_table(f, columns=["sha256", "prompt", "error"])
+    t = pq.read_table(
+        pa.BufferReader(read_whole(fs, join(run_path, f"{sid}.parquet"))),
+        columns=["sha256", "prompt", "error"],
+    )
     t = t.append_column("row", pa.array(np.arange(len(t), dtype=np.int32)))
     sha = t.column("sha256")
     ok = pc.and_(pc.is_null(t.column("error")), pc.is_valid(sha))

@@ -40,6 +40,18 @@ def fingerprint(info: dict[str, Any]) -> str:
     return f"{info.get('size')}:{str(version).strip(chr(34))}"
 
 
+def read_whole(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    """One whole object in one request. s3fs's `cat_file` asks for the size first (a HEAD before every GET,
+    to split big objects into concurrent ranges: s3fs/core.py `_cat_file`); a read from byte 0 on is a
+    single ranged GET on every fsspec store."""
+    try:
+        return fs.cat_file(path, start=0)
+    except FileNotFoundError:
+        raise
+    except OSError:  # a store that refuses the range (an empty object may answer 416): the plain read
+        return fs.cat_file(path)
+
+
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Readers see the whole object or nothing.
 
