@@ -123,8 +123,12 @@ print("PROBE " + json.dumps({{"s": round(time.time() - t0, 2), "peak_mb": round(
 
 def probe(imports: str, body: str, env: dict | None = None, root: Path = ROOT) -> dict:
     code = PROBE.format(root=str(root), imports=imports, body=body)
-    r = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **(env or {})}
+    r = subprocess.run(  # in `root`: Ray workers find modules in the driver's working directory too
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=root,
     )
     line = [x for x in r.stdout.splitlines() if x.startswith("PROBE ")]
     if r.returncode != 0 or not line:
