@@ -9,13 +9,19 @@ import datetime as dt
 import logging
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 
-import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 from omnilmm_ray import gate
-from omnilmm_ray.commit import ShardCommitter, load_progress, remove_files, reopen_failed_shards, verify_run
+from omnilmm_ray.commit import (
+    RunCounts,
+    ShardCommitter,
+    load_progress,
+    remove_files,
+    reopen_failed_shards,
+    verify_run,
+)
 from omnilmm_ray.config import ConfigError, JobConfig
 from omnilmm_ray.engines import resolve_backend
 from omnilmm_ray.errors import as_config_error, storage_access
@@ -24,7 +30,9 @@ from omnilmm_ray.gate import EngineNotStarted
 from omnilmm_ray.lease import Lease
 from omnilmm_ray.metrics import DriverMetrics
 from omnilmm_ray.progress import ProgressReporter, plan_counts
+from omnilmm_ray.quality import quality_summary
 from omnilmm_ray.redact import redact_text
+from omnilmm_ray.reuse import build_index
 from omnilmm_ray.schema import SHARD_KINDS, output_schema
 from omnilmm_ray.storage import join, read_json, write_bytes_atomic, write_json
 from omnilmm_ray.table import OutputTable, Run
@@ -170,42 +178,10 @@ def describe(cfg: JobConfig, run: Run) -> dict:
     }
 
 
-def quality_summary(cfg: JobConfig, rows: pa.Table) -> dict:
-    """Rows per quality flag, retries and what they mended, and the flagged rows the error budget counts."""
-    from omnilmm_ray.quality import base_flag, flag_counts
-
-    n = len(rows)
-    flags = rows.column("flags").to_pylist() if "flags" in rows.column_names else [None] * n
-    retried = mended = 0
-    for first_col in (c for c in rows.column_names if c.startswith("first_flags")):
-        final = rows.column(first_col.removeprefix("first_")).to_pylist()
-        for first, last in zip(rows.column(first_col).to_pylist(), final):
-            if first is not None:
-                retried += 1
-                mended += not set(cfg.quality.retry_flags).intersection(last or [])
-    budget = set(cfg.quality.error_budget_flags)
-    kinds = rows.column("error_kind").to_pylist()
-    return {
-        "flagged_rows": sum(1 for f in flags if f),
-        "by_flag": flag_counts(flags),
-        "retried": retried,  # captions (one per prompt) captioned again under quality.retry_flags
-        "mended_by_retry": mended,  # of those, the ones the retry cleared of every retry flag
-        "counted_as_errors": sum(
-            1 for f, k in zip(flags, kinds) if k is None and budget.intersection(map(base_flag, f or []))
-        ),
-    }
-
-
-def summarize(cfg: JobConfig, run: Run, rows: pa.Table, attempt: dict) -> dict:
-    kinds = rows.column("error_kind").to_pylist()
-    examples: dict[str, list[str]] = defaultdict(list)
-    for k, src, key in zip(kinds, rows.column("source").to_pylist(), rows.column("key").to_pylist()):
-        if k and len(examples[k]) < 3:
-            examples[k].append(f"{src}#{key}")
-    counts = Counter(k for k in kinds if k)
-    n = len(rows)
-    errors = sum(counts.values())
-    quality = quality_summary(cfg, rows)
+def summarize(cfg: JobConfig, run: Run, counts: RunCounts, attempt: dict) -> dict:
+    n = counts.rows
+    errors = sum(counts.errors.values())
+    quality = quality_summary(counts.quality)
     return {
         "run": run.run_id,
         "status": "succeeded",
@@ -213,19 +189,18 @@ def summarize(cfg: JobConfig, run: Run, rows: pa.Table, attempt: dict) -> dict:
         "counts": {
             "ok": n - errors,
             "error": errors,
-            "cached": sum(1 for c in rows.column("cached").to_pylist() if c),
-            "skipped_without_image": int(rows.schema.metadata[b"skipped"]),
+            "cached": counts.cached,
+            "skipped_without_image": counts.skipped,
             "flagged": quality["flagged_rows"],
         },
         # flagged rows count only when quality.error_budget_flags names their flags
         "error_rate": (errors + quality["counted_as_errors"]) / n if n else 0.0,
         "quality": quality,
-        "failed_shards": sum(c for k, c in counts.items() if k in SHARD_KINDS),
-        "errors_by_kind": {k: {"count": c, "examples": examples[k]} for k, c in counts.most_common()},
-        "tokens": {
-            "input": pa.compute.sum(rows.column("input_tokens")).as_py() or 0,
-            "output": pa.compute.sum(rows.column("output_tokens")).as_py() or 0,
+        "failed_shards": sum(c for k, c in counts.errors.items() if k in SHARD_KINDS),
+        "errors_by_kind": {
+            k: {"count": c, "examples": counts.examples[k]} for k, c in counts.errors.most_common()
         },
+        "tokens": {"input": counts.input_tokens, "output": counts.output_tokens},
         "shards": len(run.shards),
         "this_attempt": attempt,
         "config": cfg.model_dump(mode="json"),
@@ -265,7 +240,7 @@ def run_job(
             backend = preflight(cfg)  # nothing to caption, so no engine actor resolves the model
             table.write_plan(run)
             kill_point("plan")
-        reuse = table.reuse_cache(cfg) if cfg.sink.reuse_captions and cfg.reuse_by_bytes and todo else {}
+        reuse = table.reuse_index() if cfg.sink.reuse_captions and cfg.reuse_by_bytes and todo else None
         committer = ShardCommitter(
             run.uri,
             todo,
@@ -323,7 +298,7 @@ def run_job(
             )
         wall = time.time() - t0
         kill_point("verify")
-        rows = verify_run(run.uri, run.shards, cfg.sink.storage_options)
+        counts = verify_run(run.uri, run.shards, cfg.sink.storage_options, cfg.quality)
         attempt = {
             "resumed": run.resumed,
             "shards_committed_before": len(run.shards) - len(todo),
@@ -337,7 +312,7 @@ def run_job(
             "started_at": _utc(t0),
             "gpu_seconds": round(reporter.gpu_seconds, 1),
         }
-        summary = summarize(cfg, run, rows, attempt)
+        summary = summarize(cfg, run, counts, attempt)
         # A resumed run keeps what its earlier attempts' summary recorded (one that crashed left none).
         summary["attempts"] = [*(ended or {}).get("attempts", []), attempt]
         summary["gpu_seconds"] = round(sum(a.get("gpu_seconds") or 0 for a in summary["attempts"]), 1)
@@ -361,5 +336,7 @@ def run_job(
                 f"{dict(list(summary['errors_by_kind'].items())[:3])}; summary: {join(run.uri, '_summary.json')}"
             )
         lease.ensure()
+        # Before the seal: a crash up to here leaves the run unsealed, and its resumption writes the index.
+        build_index(run.uri, [s.shard_id for s in run.shards], counts.rows, cfg.sink.storage_options)
         write_bytes_atomic(fs, join(path, "_SUCCESS"), b"")
         return summary

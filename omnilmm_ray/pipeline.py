@@ -15,6 +15,7 @@ import ray.data
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from omnilmm_ray.config import JobConfig
+from omnilmm_ray.reuse import ReuseIndex, apply_reuse
 from omnilmm_ray.sources import Shard
 from omnilmm_ray.stages import CaptionStage, preprocess_stage, read_shards
 
@@ -42,7 +43,7 @@ def initial_actors(cfg: JobConfig) -> int:
     ~20 s to start, so a pool that starts at `min_actors` on a host whose GPUs are all free spends that
     long at a fraction of its speed; GPUs that join later (a cluster autoscaler) are still scaled up to.
     """
-    if cfg.engine.backend == "fake":
+    if cfg.engine.backend == "fake" or not ray.is_initialized():
         return cfg.scale.min_actors
     free = int(ray.available_resources().get("GPU", 0) // cfg.engine.tp)
     return max(cfg.scale.min_actors, min(cfg.scale.max_actors, free))
@@ -56,12 +57,13 @@ def build_dataset(
     shards: list[Shard],
     cfg: JobConfig,
     run_uri: str,
-    reuse: dict | None,
+    reuse: ReuseIndex | None,
     skip: dict[str, set[int]] | None = None,
     vision=None,
     gate_key: str | None = None,
 ) -> ray.data.Dataset:
-    """`skip`: per shard, sample indices already committed in part files (not read into the pipeline).
+    """`reuse`: the index of earlier runs' captions, looked up after decoding (None: nothing to reuse).
+    `skip`: per shard, sample indices already committed in part files (not read into the pipeline).
     `vision`: the model's image processor to run on the CPU workers (vision.py), or None."""
     skip = skip or {}
     items = [
@@ -100,18 +102,22 @@ def build_dataset(
         batch_format="pyarrow",
         num_cpus=cfg.preprocess.num_cpus,
     )
+    if reuse is not None:
+        # Same resources and batch size as preprocessing, so Ray Data fuses the two into one task. The
+        # index is a list of URIs; each task reads only the index row groups its batch's hashes fall in.
+        ds = ds.map_batches(
+            apply_reuse,
+            fn_kwargs={"index": reuse, "prompt": cfg.prompt},
+            batch_size=cfg.preprocess.batch_size,
+            batch_format="pyarrow",
+            num_cpus=cfg.preprocess.num_cpus,
+        )
     ds = ds.map_batches(
         CaptionStage,
-        # The reuse cache is put once and fetched per actor. Ray warns that constructor args in the object
-        # store can break actor restarts if they go out of scope (ray-project/ray#53727); the driver holds
-        # this reference for the whole run, and the actor-crash tests restart actors with it.
-        fn_constructor_kwargs={
-            "cfg": cfg,
-            "run_uri": run_uri,
-            "reuse": ray.put(reuse or {}),
-            "vision": vision,
-            "gate_key": gate_key,
-        },
+        # Small arguments only. Ray still logs "constructor arguments in the object store and max_restarts
+        # > 0" for every actor pool: Ray Data puts each map UDF in the object store itself and holds that
+        # reference for the dataset's life, so restarts keep working (ray-project/ray#53727).
+        fn_constructor_kwargs={"cfg": cfg, "run_uri": run_uri, "vision": vision, "gate_key": gate_key},
         **engine_placement(cfg),
     )
     return ds
@@ -181,7 +187,7 @@ def caption_batches(
     shards: list[Shard],
     cfg: JobConfig,
     run_uri: str,
-    reuse: dict | None,
+    reuse: ReuseIndex | None,
     skip: dict[str, set[int]] | None = None,
     vision=None,
     gate_key: str | None = None,

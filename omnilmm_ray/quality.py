@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections import Counter
 from functools import lru_cache
+
+import pyarrow as pa
 
 from omnilmm_ray.config import QualityConfig
 
@@ -104,3 +107,38 @@ def flag_counts(flag_lists: list[list[str] | None]) -> dict[str, int]:
 def base_flag(flag: str) -> str:
     """'alt:too_short' (multi-prompt mode) -> 'too_short'."""
     return flag.rpartition(":")[2]
+
+
+def count_flags(rows: pa.Table, cfg: QualityConfig) -> Counter:
+    """One shard file's quality counters, to be added up over a run (commit.RunCounts): `flagged_rows`,
+    `retried` (captions captioned again under `retry_flags`), `mended_by_retry` (of those, the ones the retry
+    cleared of every retry flag), `counted_as_errors` (ok rows whose flags `error_budget_flags` names), and
+    `flag:<name>` rows per flag."""
+    n = len(rows)
+    flags = rows.column("flags").to_pylist() if "flags" in rows.column_names else [None] * n
+    c: Counter = Counter(f"flag:{f}" for fl in flags for f in set(fl or ()))
+    c["flagged_rows"] += sum(1 for f in flags if f)
+    for first_col in (col for col in rows.column_names if col.startswith("first_flags")):
+        final = rows.column(first_col.removeprefix("first_")).to_pylist()
+        for first, last in zip(rows.column(first_col).to_pylist(), final):
+            if first is not None:
+                c["retried"] += 1
+                c["mended_by_retry"] += not set(cfg.retry_flags).intersection(last or [])
+    budget = set(cfg.error_budget_flags)
+    kinds = rows.column("error_kind").to_pylist()
+    c["counted_as_errors"] += sum(
+        1 for f, k in zip(flags, kinds) if k is None and budget.intersection(map(base_flag, f or []))
+    )
+    return c
+
+
+def quality_summary(c: Counter) -> dict:
+    """The summary's `quality` section from a run's added-up `count_flags` counters."""
+    by_flag = {k.removeprefix("flag:"): v for k, v in c.items() if k.startswith("flag:")}
+    return {
+        "flagged_rows": c["flagged_rows"],
+        "by_flag": dict(sorted(by_flag.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "retried": c["retried"],
+        "mended_by_retry": c["mended_by_retry"],
+        "counted_as_errors": c["counted_as_errors"],
+    }

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from omnilmm_ray import schema
 from omnilmm_ray.config import InputConfig
 from omnilmm_ray.sources import IMAGE_EXTS, Shard
-from omnilmm_ray.storage import join, resolve
+from omnilmm_ray.storage import join, read_whole, resolve
 
 log = logging.getLogger(__name__)
 
@@ -157,17 +157,19 @@ def _parquet_samples(f, cfg: InputConfig, uri: str) -> Iterator[dict]:
 
 def _file_samples(shard: Shard, cfg: InputConfig) -> Iterator[dict]:
     fs, root = resolve(shard.uri, cfg.storage_options)
-    for key in shard.members:
+    listed = shard.sidecars or (None,) * len(shard.members)
+    for key, exts in zip(shard.members, listed):
         path = join(root, key)
         stem = path.rpartition(".")[0]
-        side = {}
-        for ext in ("json", "txt"):
+        side = {"json": None, "txt": None}
+        # The plan lists the sidecars beside each image; only a plan made before it did makes us probe.
+        for ext in ("json", "txt") if exts is None else [e for e in exts.split(",") if e]:
             try:
-                side[ext] = fs.cat_file(f"{stem}.{ext}").decode("utf-8", "replace")
+                side[ext] = read_whole(fs, f"{stem}.{ext}").decode("utf-8", "replace")
             except (FileNotFoundError, IsADirectoryError):
                 side[ext] = None
         try:
-            img = fs.cat_file(path)
+            img = read_whole(fs, path)
         except FileNotFoundError:
             yield {
                 "key": key,

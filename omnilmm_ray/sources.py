@@ -48,16 +48,22 @@ class Shard:
     fingerprints: dict[str, str] = field(default_factory=dict)  # file URI -> fingerprint
     size: int = 0
     retry: Retry | None = None  # None: the whole shard; else only the rows an earlier run left failed
+    # "files" only, one per member: its sidecar extensions found in the listing ("json,txt", "txt", ""), so the
+    # reader fetches sidecars that exist instead of probing for them; None (plans made before): probe.
+    sidecars: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict:
         d = {**asdict(self), "members": list(self.members)}
+        d["sidecars"] = list(self.sidecars) if self.sidecars is not None else None
         return {**d, "retry": self.retry.to_dict() if self.retry else None}
 
     @classmethod
     def from_dict(cls, d: dict) -> Shard:
         r = d.get("retry")
         retry = Retry(frozenset(r["indices"]), r["start"]) if r else None
-        return cls(**{**d, "members": tuple(d["members"]), "retry": retry})
+        side = d.get("sidecars")
+        side = tuple(side) if side is not None else None
+        return cls(**{**d, "members": tuple(d["members"]), "retry": retry, "sidecars": side})
 
     def wants(self, i: int) -> bool:
         return self.retry is None or self.retry.wants(i)
@@ -103,6 +109,7 @@ def plan_shards(inputs: list[str], cfg: InputConfig) -> list[Shard]:
         fs, _ = resolve(pattern, cfg.storage_options)
         root, files = _expand_one(pattern, cfg)
         loose: list[tuple[str, dict]] = []
+        sides: dict[str, list[str]] = {}  # path without extension -> sidecar extensions listed beside it
         recognised = 0
         for path, info in sorted(files.items()):
             uri, ext = unstrip(fs, path), ext_of(path)
@@ -112,6 +119,9 @@ def plan_shards(inputs: list[str], cfg: InputConfig) -> list[Shard]:
                 recognised += 1
             elif ext in IMAGE_EXTS:
                 loose.append((path, info))
+            elif ext in SIDECAR_EXTS:
+                sides.setdefault(path.rpartition(".")[0], []).append(ext)
+        del files
         for i in range(0, len(loose), cfg.files_per_shard):
             group = loose[i : i + cfg.files_per_shard]
             keys = tuple(posixpath.relpath(p, root) for p, _ in group)
@@ -120,7 +130,8 @@ def plan_shards(inputs: list[str], cfg: InputConfig) -> list[Shard]:
                 posixpath.basename(root) + f"-files{i // cfg.files_per_shard:05d}", "\n".join(fps)
             )
             size = sum(int(info.get("size") or 0) for _, info in group)
-            shards[sid] = Shard(sid, "files", unstrip(fs, root), keys, fps, size)
+            side = tuple(",".join(sorted(sides.get(p.rpartition(".")[0], ()))) for p, _ in group)
+            shards[sid] = Shard(sid, "files", unstrip(fs, root), keys, fps, size, sidecars=side)
         if not recognised and not loose:
             raise ConfigError(
                 f"inputs: {pattern!r} matches files but none is a .tar, .parquet or image "
@@ -137,19 +148,25 @@ def without_done(shards: list[Shard], done: dict[str, str]) -> list[Shard]:
             if any(done.get(u) != fp for u, fp in s.fingerprints.items()):
                 out.append(s)
             continue
-        keep = [(k, u) for k, u in zip(s.members, s.fingerprints) if done.get(u) != s.fingerprints[u]]
+        side = s.sidecars if s.sidecars is not None else ("",) * len(s.members)
+        keep = [
+            (k, u, sc)
+            for k, u, sc in zip(s.members, s.fingerprints, side)
+            if done.get(u) != s.fingerprints[u]
+        ]
         if len(keep) == len(s.members):
             out.append(s)
         elif keep:
-            fps = {u: s.fingerprints[u] for _, u in keep}
+            fps = {u: s.fingerprints[u] for _, u, _ in keep}
             out.append(
                 Shard(
                     _shard_id(s.shard_id.rsplit("-", 1)[0], "\n".join(fps)),
                     "files",
                     s.uri,
-                    tuple(k for k, _ in keep),
+                    tuple(k for k, _, _ in keep),
                     fps,
                     s.size,
+                    sidecars=tuple(sc for *_, sc in keep) if s.sidecars is not None else None,
                 )
             )
     return out

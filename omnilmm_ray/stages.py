@@ -128,33 +128,26 @@ def _answer(r: dict, name: str, prompt: str, c: Caption, cfg: JobConfig, first=N
 class CaptionStage:
     """The GPU actor: builds one engine in `__init__`, captions fixed-size batches in `__call__`.
 
-    `reuse` maps image sha256 -> an earlier run's caption (same model, prompt and settings); those rows
-    skip the engine. An engine that dies takes the actor down with it; Ray restarts the actor and retries
+    Rows an earlier run already captioned arrive with `cached` set and their caption (reuse.apply_reuse,
+    a CPU stage before this one); they skip the engine. An engine that dies takes the actor down with it; Ray restarts the actor and retries
     the batch, which the flight recorder then splits so that an image that kills engines by itself ends
     as an `engine_crash` error row instead of killing actors forever.
     """
 
-    def __init__(self, cfg: JobConfig, run_uri: str, reuse=None, vision=None, gate_key: str | None = None):
+    def __init__(self, cfg: JobConfig, run_uri: str, vision=None, gate_key: str | None = None):
         """`run_uri`: where the fake engine's crash drill leaves its marker ("" outside a job);
         `gate_key`: the gate (gate.py) this actor opens once it resolved the model's backend."""
         t0 = time.monotonic()
         try:
             backend = resolve_backend(cfg.engine)
         except ValueError as e:
-            if gate_key:
-                gate.shut_gate(
-                    gate_key, str(e)
-                )  # the driver fails the job with this reason; no shard was read
+            if gate_key:  # the driver fails the job with this reason; no shard was read
+                gate.shut_gate(gate_key, str(e))
             raise
         if gate_key:
             gate.open_gate(gate_key, backend)
         resolved_s = time.monotonic() - t0
-        if reuse is not None and not isinstance(reuse, dict):  # an ObjectRef: shared once, fetched per actor
-            import ray
-
-            reuse = ray.get(reuse)
         self.cfg = cfg
-        self.reuse = (reuse or {}) if cfg.reuse_by_bytes else {}
         self.templates = {n: parse(t) for n, t in (cfg.prompts or {"": cfg.prompt}).items()}
         self.out_schema = schema.engine_schema(cfg.prompt_names)
         self.retry_flags = set(cfg.quality.retry_flags)
@@ -207,16 +200,17 @@ class CaptionStage:
             pw, ph = r.pop("pw"), r.pop("ph")
             if r["shard_rows"] is not None:  # end marker
                 continue
+            hit = r.get("cached")  # reuse.apply_reuse found an earlier run's caption of these bytes
             r.update(model=self.cfg.model_label, cached=False)
             if r["error"] is not None:
                 continue
             prompts = self._render(r)
             if prompts is None:
                 continue
-            hit = self.reuse.get(r["sha256"])
-            if hit is not None:
+            if hit:
                 r["cached"] = True
-                _answer(r, "", prompts[""], Caption(**hit), self.cfg)
+                c = Caption(r["caption"], r["input_tokens"], r["output_tokens"], r["finish_reason"])
+                _answer(r, "", prompts[""], c, self.cfg)
             else:
                 todo.append((r, self._image(r, px, pw, ph), prompts))
         self.timer.start("engine")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -39,6 +40,18 @@ def fingerprint(info: dict[str, Any]) -> str:
     return f"{info.get('size')}:{str(version).strip(chr(34))}"
 
 
+def read_whole(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    """One whole object in one request. s3fs's `cat_file` asks for the size first (a HEAD before every GET,
+    to split big objects into concurrent ranges: s3fs/core.py `_cat_file`); a read from byte 0 on is a
+    single ranged GET on every fsspec store."""
+    try:
+        return fs.cat_file(path, start=0)
+    except FileNotFoundError:
+        raise
+    except OSError:  # a store that refuses the range (an empty object may answer 416): the plain read
+        return fs.cat_file(path)
+
+
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Readers see the whole object or nothing.
 
@@ -57,6 +70,27 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
         fs.pipe_file(path, data)
 
 
+@contextlib.contextmanager
+def open_atomic(fs: fsspec.AbstractFileSystem, path: str):
+    """A file to stream into that readers see whole or not at all (see write_bytes_atomic): a temporary name
+    and a rename locally; on object stores the upload completes only when the file is closed."""
+    if not isinstance(fs, LocalFileSystem):
+        with fs.open(path, "wb") as f:
+            yield f
+        return
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{os.path.dirname(path)}/.tmp-{uuid.uuid4().hex}-{os.path.basename(path)}"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
     write_bytes_atomic(fs, path, json.dumps(obj, indent=1, default=str).encode())
 
@@ -68,7 +102,9 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any | None:
         return None
 
 
-def write_parquet_atomic(fs: fsspec.AbstractFileSystem, path: str, t: pa.Table) -> None:
+def write_parquet_atomic(
+    fs: fsspec.AbstractFileSystem, path: str, t: pa.Table, row_group_size: int | None = None
+) -> None:
     buf = io.BytesIO()
-    pq.write_table(t, buf, compression="zstd")
+    pq.write_table(t, buf, compression="zstd", row_group_size=row_group_size)
     write_bytes_atomic(fs, path, buf.getvalue())

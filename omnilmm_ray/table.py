@@ -14,20 +14,26 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from omnilmm_ray import schema
 from omnilmm_ray.commit import shard_file
 from omnilmm_ray.config import ConfigError, JobConfig, fingerprint_diff, generation_fingerprint
+from omnilmm_ray.reuse import ReuseIndex, open_index
 from omnilmm_ray.schema import SHARD_KINDS
 from omnilmm_ray.sources import Retry, Shard, plan_shards, without_done
-from omnilmm_ray.storage import join, read_json, resolve, write_json
+from omnilmm_ray.storage import join, open_atomic, read_json, resolve, write_json
 
 log = logging.getLogger(__name__)
+
+LATEST_SCHEMA = schema.OUTPUT_SCHEMA.append(pa.field("run", pa.string()))
 
 
 @dataclass
@@ -191,58 +197,55 @@ class OutputTable:
         return pa.concat_tables(parts) if parts else pa.table({})
 
     def read_latest(self) -> pa.Table:
-        """The newest caption per (source, key) across sealed runs.
+        """The newest caption per (source, key) across sealed runs, with a `run` column (see iter_latest)."""
+        return pa.concat_tables([LATEST_SCHEMA.empty_table(), *self.iter_latest()])
+
+    def iter_latest(self) -> Iterator[pa.Table]:
+        """The newest row per (source, key) across sealed runs, one table per input shard (its files in every
+        sealed run), so memory holds one shard's history at a time. Loose files are grouped per folder.
 
         A shard-level error row (no key: reading stopped there) is dropped once a later run read that shard
         again from its index on. (For loose files its source is their folder, and any later read of files in
         that folder drops it; the files themselves stay planned for a retry until read.)
         """
-        t = self.read_committed()
-        if not len(t):
-            return t
-        reread: dict[str, list[tuple[str, Shard]]] = {}
+        groups: dict[str, list[tuple[str, Shard]]] = {}
         for rid in self.sealed_runs():
             for d in self.plan_of(rid)["shards"]:
-                reread.setdefault(d["uri"], []).append((rid, Shard.from_dict(d)))
-        keep_rows = [
-            key is not None or not any(r2 > run and s.wants(i) for r2, s in reread.get(src, []))
-            for src, key, i, run in zip(
-                *t.select(["source", "key", "sample_index", "run"]).to_pydict().values()
+                groups.setdefault(d["uri"], []).append((rid, Shard.from_dict(d)))
+        for reread in groups.values():
+            parts = []
+            for rid, s in reread:
+                with self.fs.open(shard_file(self._run_path(rid), s.shard_id), "rb") as f:
+                    t = pq.read_table(f).replace_schema_metadata(None).cast(schema.OUTPUT_SCHEMA)
+                parts.append(t.append_column("run", pa.array([rid] * len(t), pa.string())))
+            t = pa.concat_tables(parts)
+            keyless = t.filter(pc.is_null(t.column("key")))
+            if len(keyless):  # few: one per shard that failed midway
+                keep = [
+                    not any(r2 > run and s.wants(i) for r2, s in reread)
+                    for i, run in zip(*keyless.select(["sample_index", "run"]).to_pydict().values())
+                ]
+                keyless = keyless.filter(pa.array(keep, pa.bool_()))
+            t = t.filter(pc.is_valid(t.column("key"))).sort_by([("run", "descending")])
+            t = t.append_column("_i", pa.array(np.arange(len(t))))
+            first = t.group_by(["source", "key"], use_threads=False).aggregate([("_i", "first")])
+            t = t.take(np.sort(first.column("_i_first").to_numpy())).drop_columns(["_i"])
+            yield pa.concat_tables([t, keyless]).sort_by(
+                [("source", "ascending"), ("sample_index", "ascending")]
             )
-        ]
-        t = t.filter(pa.array(keep_rows)).sort_by([("run", "descending")])
-        keys = [f"{s}\x00{k}" for s, k in zip(t.column("source").to_pylist(), t.column("key").to_pylist())]
-        seen, keep = set(), []
-        for k in keys:
-            keep.append(k not in seen)
-            seen.add(k)
-        return t.filter(pa.array(keep))
 
-    def reuse_cache(self, cfg: JobConfig) -> dict[str, dict]:
-        """sha256 -> caption fields of successful rows in sealed runs (same settings: see open_run)."""
-        t = self.read_committed(
-            ["sha256", "caption", "input_tokens", "output_tokens", "finish_reason", "error"]
-        )
-        if not len(t):
-            return {}
-        t = t.filter(pc.and_(pc.is_null(t.column("error")), pc.is_valid(t.column("sha256"))))
-        out = {}
-        for r in t.select(
-            ["sha256", "caption", "input_tokens", "output_tokens", "finish_reason"]
-        ).to_pylist():
-            sha = r.pop("sha256")
-            out[sha] = {
-                "text": r["caption"],
-                **{k: r[k] for k in ("input_tokens", "output_tokens", "finish_reason")},
-            }
-        return out
+    def reuse_index(self) -> ReuseIndex | None:
+        """Captions of sealed runs by (sha256, prompt) (same settings: see open_run), or None when there
+        are none; indexes missing from runs sealed before they existed are built here, once."""
+        return open_index(self.uri, self.sealed_runs(), self.plan_of, self.opts)
 
 
 def latest_to_parquet(output_uri: str, dest_uri: str, storage_options: dict | None = None) -> int:
     """Write `read_latest()` of an output table to one Parquet file; returns its row count."""
-    from omnilmm_ray.storage import write_parquet_atomic
-
-    t = OutputTable(output_uri, storage_options).read_latest()
     fs, path = resolve(dest_uri, storage_options)
-    write_parquet_atomic(fs, path, t)
-    return t.num_rows
+    n = 0
+    with open_atomic(fs, path) as f, pq.ParquetWriter(f, LATEST_SCHEMA, compression="zstd") as w:
+        for t in OutputTable(output_uri, storage_options).iter_latest():
+            w.write_table(t)
+            n += len(t)
+    return n

@@ -10,6 +10,7 @@ from omnilmm_ray import schema
 from omnilmm_ray.commit import ShardCommitter, load_progress, shard_file, verify_run
 from omnilmm_ray.config import JobConfig
 from omnilmm_ray.preprocess import preprocess_batch
+from omnilmm_ray.reuse import HITS_SCHEMA, apply_reuse
 from omnilmm_ray.samples import draw, encode
 from omnilmm_ray.sources import Shard
 from omnilmm_ray.stages import CaptionStage
@@ -51,8 +52,8 @@ def test_out_of_order_repeated_rows_commit_each_shard_once(tmp_path):
         and t.schema.names == schema.OUTPUT_SCHEMA.names
     )
     assert load_progress(str(tmp_path)).complete == {"a", "b"}
-    rows = verify_run(str(tmp_path), shards)
-    assert len(rows) == 15 and rows.schema.metadata[b"skipped"] == b"2"
+    counts = verify_run(str(tmp_path), shards)
+    assert counts.rows == 15 and counts.skipped == 2
 
 
 def test_shard_waits_for_its_end_marker_and_all_rows(tmp_path):
@@ -105,8 +106,15 @@ def test_caption_stage_reuses_known_bytes_without_the_engine(tmp_path, monkeypat
     cfg = JobConfig(inputs=["x"], output="o", engine={"backend": "fake"})
     batch = _pixels_batch([encode(draw(1)[0]), encode(draw(2)[0])])
     sha = batch.column("sha256")[0].as_py()
-    reuse = {sha: {"text": "earlier caption", "input_tokens": 5, "output_tokens": 2, "finish_reason": "stop"}}
-    stage = CaptionStage(cfg, str(tmp_path), reuse)
+
+    class Index:  # what reuse.ReuseIndex.lookup answers for a caption an earlier run made
+        def lookup(self, q):
+            hit = {"sha256": sha, "prompt": cfg.prompt, "caption": "earlier caption", "input_tokens": 5}
+            return schema.table([hit | {"output_tokens": 2, "finish_reason": "stop"}], HITS_SCHEMA)
+
+    batch = apply_reuse(batch, Index(), cfg.prompt)
+    assert batch.column("pixels")[0].as_py() is None  # a hit's pixels do not travel to the engine
+    stage = CaptionStage(cfg, str(tmp_path))
     seen = []
     real = stage.engine.caption
     monkeypatch.setattr(stage.engine, "caption", lambda p, ims: seen.extend(ims) or real(p, ims))
@@ -128,7 +136,8 @@ def test_parts_survive_a_crash_and_merge_into_the_shard(tmp_path):
     # the rerun's reader skips 0..3; index 4 (lost with the dead driver) and the rest come again
     c2.add(schema.table(rows[4:] + [end], schema.ENGINE_SCHEMA))
     assert c2.committed == {"a"}
-    assert sorted(verify_run(str(tmp_path), shards).column("sample_index").to_pylist()) == list(range(10))
+    assert verify_run(str(tmp_path), shards).rows == 10
+    assert pq.read_table(shard_file(str(tmp_path), "a")).column("sample_index").to_pylist() == list(range(10))
     assert load_progress(str(tmp_path)).parts == {}  # parts removed after the merge
     assert not list(tmp_path.glob("a.part-*"))
 

@@ -1,0 +1,280 @@
+"""Bookkeeping at scale: a nightly run's driver memory and time over 100 k .. 10 M sealed rows of history.
+
+For each size, builds a sealed output through the project's own writing code (ShardCommitter shard files
+of 10,000 rows with 200-character synthetic captions, verify_run, the summary, build_index, `_SUCCESS`),
+planting the sha256 of half the images of a small new shard in it. Then, each in a fresh process so peak
+RSS is its own: the nightly job over that new shard (fake engine, local Ray; driver peak RSS, wall time,
+images reused), one CPU worker's reuse lookup of the new shard's hashes, the engine actor's construction,
+verify of the whole history run, and the latest view streamed to a Parquet file.
+
+    python bench/driver_scale.py --rows 100000 1000000 --work /tmp/scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from omnilmm_ray import schema  # noqa: E402
+from omnilmm_ray.commit import ShardCommitter, verify_run  # noqa: E402
+from omnilmm_ray.config import JobConfig, generation_fingerprint  # noqa: E402
+from omnilmm_ray.job import summarize  # noqa: E402
+from omnilmm_ray.reuse import build_index  # noqa: E402
+from omnilmm_ray.samples import draw, encode, write_tar  # noqa: E402
+from omnilmm_ray.sources import Shard  # noqa: E402
+from omnilmm_ray.storage import write_bytes_atomic, write_json  # noqa: E402
+from omnilmm_ray.table import Run  # noqa: E402
+
+ROWS_PER_SHARD = 10_000
+NEW_IMAGES = 256  # the nightly's new shard; half of them are re-uploads of images in the history
+WORDS = np.array("a red square blue circle on green yellow background small large centre left right".split())
+
+
+def nightly_images() -> list[bytes]:
+    return [encode(draw(10_000 + i, size=(96, 72))[0]) for i in range(NEW_IMAGES)]
+
+
+def _shard_table(sid: str, s: int, n: int, planted: list[str], rng) -> pa.Table:
+    sha = [hashlib.sha256(f"{s}-{i}".encode()).hexdigest() for i in range(n)]
+    sha[: len(planted)] = planted
+    words = WORDS[rng.integers(0, len(WORDS), size=(n, 40))]
+    caps = [" ".join(w)[:200].ljust(200, ".") for w in words]
+    cols = {
+        "source": pa.array([f"s3://history/{s:06d}.tar"] * n),
+        "key": pa.array([f"{i:09d}" for i in range(n)]),
+        "sample_index": pa.array(np.arange(n)),
+        "caption": pa.array(caps),
+        "width": pa.array(np.full(n, 640, np.int32)),
+        "height": pa.array(np.full(n, 480, np.int32)),
+        "model": pa.array(["fake"] * n),
+        "prompt": pa.array([JobConfig(inputs=["x"], output="o").prompt] * n),
+        "input_tokens": pa.array(np.full(n, 300, np.int32)),
+        "output_tokens": pa.array(np.full(n, 48, np.int32)),
+        "finish_reason": pa.array(["stop"] * n),
+        "sha256": pa.array(sha),
+        "cached": pa.array(np.zeros(n, bool)),
+        "shard_id": pa.array([sid] * n),
+    }
+    rows = pa.table({f.name: cols.get(f.name, pa.nulls(n, f.type)) for f in schema.ENGINE_SCHEMA})
+    end = schema.table(
+        [{"shard_id": sid, "sample_index": -1, "shard_rows": n, "source": "x"}], schema.ENGINE_SCHEMA
+    )
+    return pa.concat_tables([rows.cast(schema.ENGINE_SCHEMA), end])
+
+
+def build(rows: int, out: Path, cfg: JobConfig, planted: list[str]) -> dict:
+    """One sealed run of `rows` rows, written and sealed as job.run_job does it."""
+    t0 = time.time()
+    rid = "20260101T000000000000Z"
+    run_uri = str(out / f"run={rid}")
+    shards = [
+        Shard(f"h{s:06d}", "tar", f"s3://history/{s:06d}.tar", (), {f"s3://history/{s:06d}.tar": f"1:{s}"})
+        for s in range(-(-rows // ROWS_PER_SHARD))
+    ]
+    write_json_plan = {"run_id": rid, "fingerprint": generation_fingerprint(cfg), "inputs": ["s3://history"]}
+    from omnilmm_ray.storage import resolve
+
+    fs, _ = resolve(str(out))
+    write_json(fs, f"{run_uri}/_plan.json", {**write_json_plan, "shards": [s.to_dict() for s in shards]})
+    committer = ShardCommitter(run_uri, shards, commit_rows=1024)
+    rng = np.random.default_rng(0)
+    for k, s in enumerate(shards):
+        n = min(ROWS_PER_SHARD, rows - k * ROWS_PER_SHARD)
+        committer.add(_shard_table(s.shard_id, k, n, planted if k == len(shards) // 2 else [], rng))
+    counts = verify_run(run_uri, shards)
+    run = Run(rid, run_uri, shards, False)
+    write_json(fs, f"{run_uri}/_summary.json", summarize(cfg, run, counts, {}))
+    build_index(run_uri, [s.shard_id for s in shards], counts.rows)
+    write_bytes_atomic(fs, f"{run_uri}/_SUCCESS", b"")
+    return {"rows": counts.rows, "shards": len(shards), "build_s": round(time.time() - t0, 1)}
+
+
+# Each probe runs in a fresh interpreter and prints {"s": seconds, "peak_mb": its RSS peak (VmHWM), "base_mb":
+# RSS after imports, ...}; `extra_mb` is peak minus base: what the measured step itself added.
+PROBE = r"""
+import json, sys, time
+sys.path.insert(0, {root!r})
+{imports}
+def rss_mb(field="VmHWM"):  # not getrusage: ru_maxrss survives fork+exec, so it would show the parent's
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+base = rss_mb("VmRSS")
+t0 = time.time()
+extra = {{}}
+{body}
+print("PROBE " + json.dumps({{"s": round(time.time() - t0, 2), "peak_mb": round(rss_mb()), "base_mb": round(base), **extra}}))
+"""
+
+
+def probe(imports: str, body: str, env: dict | None = None, root: Path = ROOT) -> dict:
+    code = PROBE.format(root=str(root), imports=imports, body=body)
+    r = subprocess.run(  # in `root`: Ray workers find modules in the driver's working directory too
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=root,
+    )
+    line = [x for x in r.stdout.splitlines() if x.startswith("PROBE ")]
+    if r.returncode != 0 or not line:
+        raise RuntimeError(f"probe failed ({r.returncode}): {r.stderr[-3000:]}")
+    out = json.loads(line[-1][6:])
+    out["extra_mb"] = out["peak_mb"] - out["base_mb"]
+    return out
+
+
+def nightly(out: Path, new_dir: Path, root: Path = ROOT) -> dict:
+    """The nightly job over the new shard, in a fresh process running the code at `root`; the run it adds
+    is removed after, so every measurement sees the same history."""
+    before = set(p.name for p in out.glob("run=*"))
+    args = ["--input", str(new_dir), "--output", str(out), "--engine", "fake"]
+    res = probe(
+        "from omnilmm_ray import cli\nfrom omnilmm_ray.table import OutputTable",
+        f"code = cli.main({args!r})\n"
+        f"t = OutputTable({str(out)!r}); s = json.load(open(t.path + '/run=' + t.sealed_runs()[-1] + '/_summary.json'))\n"
+        "extra = {'exit': code, 'rows': s['rows'], 'reused': s['counts']['cached']}",
+        env={"PYTHONPATH": str(root)},  # Ray workers import the same code as the driver
+        root=root,
+    )
+    for p in out.glob("run=*"):
+        if p.name not in before:
+            shutil.rmtree(p)
+    return res
+
+
+def measure(out: Path, new_dir: Path, work: Path, baseline: Path | None) -> dict:
+    res = {}
+    common = "from omnilmm_ray import cli, job\nfrom omnilmm_ray.table import OutputTable, latest_to_parquet"
+    res["nightly_job"] = nightly(out, new_dir)
+    if baseline:
+        res["nightly_job_baseline_code"] = nightly(out, new_dir, baseline)
+    shas = [hashlib.sha256(b).hexdigest() for b in nightly_images()]
+    res["reuse_lookup_worker"] = probe(
+        common + "\nimport pyarrow as pa",
+        f"idx = OutputTable({str(out)!r}).reuse_index()\n"
+        f"q = pa.table({{'sha256': {shas!r}, 'prompt': [job.JobConfig(inputs=['x'], output='o').prompt] * {len(shas)}}})\n"
+        "t1 = time.time(); hits = idx.lookup(q); extra = {'hits': len(hits), 'lookup_s': round(time.time() - t1, 3)}",
+    )
+    res["engine_actor_construct"] = probe(
+        "from omnilmm_ray.config import JobConfig\nfrom omnilmm_ray.stages import CaptionStage",
+        f"CaptionStage(JobConfig(inputs=['x'], output='o', engine={{'backend': 'fake'}}), {str(out)!r})",
+    )
+    res["verify_history"] = probe(
+        common + "\nfrom omnilmm_ray.commit import verify_run\nfrom omnilmm_ray.sources import Shard",
+        f"t = OutputTable({str(out)!r}); rid = t.sealed_runs()[0]\n"
+        "shards = [Shard.from_dict(d) for d in t.plan_of(rid)['shards']]\n"
+        "t1 = time.time(); c = verify_run(t.run_uri(rid), shards); extra = {'rows': c.rows, 'verify_s': round(time.time() - t1, 2)}",
+    )
+    dest = work / "latest.parquet"
+    res["latest_to_parquet"] = probe(
+        common, f"extra = {{'rows': latest_to_parquet({str(out)!r}, {str(dest)!r})}}"
+    )
+    dest.unlink(missing_ok=True)
+    return res
+
+
+def s3_verify(shards: int, work: Path) -> dict:
+    """verify_run over `shards` small committed shard files on a local S3 server (moto's)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update({**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
+    try:
+        time.sleep(3)
+        from omnilmm_ray.storage import resolve
+
+        fs, _ = resolve("s3://verify")
+        fs.mkdir("verify")
+        shard_list = [Shard(f"v{s:06d}", "tar", f"s3://in/{s}.tar") for s in range(shards)]
+        committer = ShardCommitter("s3://verify/run=1", shard_list)
+        t0 = time.time()
+        rng = np.random.default_rng(0)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(16) as ex:  # only to build the test data faster; the committer is the job's
+            committer.pending = {s.shard_id: _pending(s, rng) for s in shard_list}
+            list(ex.map(lambda s: committer._commit(s.shard_id, committer.pending[s.shard_id]), shard_list))
+        built = time.time() - t0
+        return {
+            "shards": shards,
+            "write_s": round(built, 1),
+            **probe(
+                "from omnilmm_ray.commit import verify_run\nfrom omnilmm_ray.sources import Shard",
+                f"shards = [Shard(f'v{{s:06d}}', 'tar', f's3://in/{{s}}.tar') for s in range({shards})]\n"
+                "c = verify_run('s3://verify/run=1', shards); extra = {'rows': c.rows}",
+            ),
+        }
+    finally:
+        server.terminate()
+
+
+def _pending(s: Shard, rng):
+    from omnilmm_ray.commit import _Pending
+
+    t = _shard_table(s.shard_id, 0, 10, [], rng)
+    rows = t.slice(0, 10)
+    return _Pending(tables=[rows], seen=set(range(10)), rows=10, expected=list(range(10)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/driver-scale"))
+    ap.add_argument("--keep", action="store_true", help="reuse built histories from an earlier call")
+    ap.add_argument("--baseline", type=Path, help="also run the nightly job with the code in this folder")
+    ap.add_argument("--only-nightly", action="store_true", help="measure the nightly job(s) only")
+    ap.add_argument("--s3-verify-shards", type=int, default=0, help="also: verify_run of N shards on moto")
+    a = ap.parse_args()
+    if a.s3_verify_shards:
+        print("RESULTS " + json.dumps({"s3_verify": s3_verify(a.s3_verify_shards, a.work)}))
+        return
+    cfg = JobConfig(inputs=["x"], output="o", engine={"backend": "fake"})
+    images = nightly_images()
+    new_dir = a.work / "new"
+    write_tar(new_dir / "nightly.tar", [(f"n{i:04d}", {"jpg": im}) for i, im in enumerate(images)])
+    planted = [hashlib.sha256(b).hexdigest() for b in images[: NEW_IMAGES // 2]]
+    results = {"machine": f"{platform.node()} {os.cpu_count()} cores, Python {platform.python_version()}"}
+    for rows in a.rows:
+        out = a.work / f"out-{rows}"
+        if not (a.keep and out.exists()):
+            shutil.rmtree(out, ignore_errors=True)
+            built = build(rows, out, cfg, planted)
+        else:
+            built = {"rows": rows, "build_s": None}
+        built["disk_mb"] = round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20)
+        print(f"built {rows}: {built}", flush=True)
+        if a.only_nightly:
+            results[rows] = {"built": built, "nightly_job": nightly(out, new_dir)}
+            if a.baseline:
+                results[rows]["nightly_job_baseline_code"] = nightly(out, new_dir, a.baseline)
+        else:
+            results[rows] = {"built": built, **measure(out, new_dir, a.work, a.baseline)}
+        print(json.dumps(results[rows], indent=1), flush=True)
+    print("RESULTS " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
