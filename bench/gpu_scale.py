@@ -314,7 +314,6 @@ def report(paths: list[str]) -> str:
             f"{j['end_to_end_images_per_s']:.1f} | {j['end_to_end_images_per_s'] / (gpus * ceil):.2f}x of "
             f"{gpus} x ceiling | |"
         )
-    lines += ["", "Engine actor timings (last log lines of each job):", ""]
     if "job_1gpu_warm_ray" in r:
         w = r["job_1gpu_warm_ray"]
         lines += [
@@ -329,7 +328,7 @@ def report(paths: list[str]) -> str:
     lines += ["", "Engine actor timings (last log lines of each job):", ""]
     for name in ("job_1gpu", "job_2gpu", "job_autoscale_1to2"):
         for ln in r[name]["actor_timings_last"]:
-            lines.append(f"- {name}: {ln}")
+            lines.append(f"- {name}: {ln.split(chr(27))[0]}")
     lines += ["", "Raw results:", "", "```json", json.dumps(r, indent=1), "```"]
     return "\n".join(lines)
 
