@@ -116,7 +116,7 @@ def build_dataset(
         CaptionStage,
         # Small arguments only. Ray still logs "constructor arguments in the object store and max_restarts
         # > 0" for every actor pool: Ray Data puts each map UDF in the object store itself and holds that
-        # reference for the dataset's life, so restarts keep working (ray-project/ray#53727).
+        # reference for the dataset's life, so restarts keep working (ray-project/ray#53727, #57838).
         fn_constructor_kwargs={"cfg": cfg, "run_uri": run_uri, "vision": vision, "gate_key": gate_key},
         **engine_placement(cfg),
     )
