@@ -270,12 +270,16 @@ def test_job_kills_while_a_batch_is_in_the_engine_are_no_engine_crash(ray_local,
     assert not left, left
 
 
-def _ray_pids() -> set[int]:
-    """Ray's own processes on this machine (GCS, raylets, workers, actors), whoever started them."""
-    out = subprocess.run(
-        ["pgrep", "-f", "gcs_server|raylet|ray::|default_worker.py"], capture_output=True, text=True
-    )
-    return {int(p) for p in out.stdout.split()}
+def _pids_with_env(tag: str) -> set[int]:
+    """Live processes whose environment holds `tag` (the job and every process its own Ray started)."""
+    pids = set()
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and tag.encode() in (d / "environ").read_bytes():
+                pids.add(int(d.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return pids
 
 
 @pytest.mark.integration
@@ -285,22 +289,21 @@ def test_a_killed_job_on_its_own_ray_leaves_no_process_behind(tmp_path):
     build_samples(tmp_path / "in", shards=2, per_shard=8)
     cmd = [sys.executable, str(ROOT / "jobs" / "caption.py"), "--input", str(tmp_path / "in" / "webdataset")]
     cmd += ["--output", str(tmp_path / "out"), "--engine", "fake", "--fake-delay", "3", "--batch-size", "4"]
-    before = _ray_pids()
+    tag = f"{os.getpid()}-{time.time_ns()}"  # inherited by every process the job's own Ray starts
     log = tmp_path / "job.log"
     with open(log, "wb") as f:
-        p = subprocess.Popen(
-            cmd, env={**os.environ, "RAY_ADDRESS": "local"}, start_new_session=True, stderr=f
-        )
+        env = {**os.environ, "RAY_ADDRESS": "local", "OMNILMM_TEST_TAG": tag}
+        p = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=f)
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None and "engine: " not in log.read_text():
         time.sleep(0.2)  # until the first captions came back: every stage of the pipeline is running
-    mine = _ray_pids() - before
-    assert p.poll() is None and mine, f"the job did not get to captioning: {log.read_text()[-2000:]}"
+    mine = _pids_with_env(f"OMNILMM_TEST_TAG={tag}") - {p.pid}
+    assert p.poll() is None and len(mine) >= 3, f"no Ray of its own running: {log.read_text()[-2000:]}"
     os.killpg(p.pid, signal.SIGKILL)
     p.wait(timeout=30)
-    deadline, left = time.time() + 60, mine
-    while time.time() < deadline and (left := mine & _ray_pids()):
+    deadline = time.time() + 60
+    while time.time() < deadline and (left := _pids_with_env(f"OMNILMM_TEST_TAG={tag}")):
         time.sleep(0.5)
     assert not left, subprocess.run(
-        ["ps", "-o", "pid,args", "-p", ",".join(map(str, left))], capture_output=True, text=True
+        ["ps", "-o", "pid,stat,args", "-p", ",".join(map(str, left))], capture_output=True, text=True
     ).stdout
