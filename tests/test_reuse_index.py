@@ -64,6 +64,24 @@ def test_index_split_by_prefix_and_built_in_passes_answers_like_a_full_scan(tmp_
     assert hits[(_sha(1, 3), "p")]["input_tokens"] == 3
 
 
+def test_a_single_prompt_index_of_the_first_format_is_served_as_it_is(tmp_path):
+    run = tmp_path / "run=r1"
+    ids = _run_dir(run, shards=2, per_shard=20)
+    manifest = build_index(str(run), ids, 40)
+    assert manifest["version"] == reuse.VERSION and manifest["rows"] == 2 * (20 - 3)
+    # the first format: no `name` column, no version in the manifest
+    index = run / "_reuse" / "all.parquet"
+    pq.write_table(pq.read_table(index).drop_columns(["name"]), index)
+    first = {k: v for k, v in manifest.items() if k != "version"}
+    (run / "_reuse" / "_index.json").write_text(json.dumps(first))
+    plan = {"fingerprint": {"prompt": "p"}, "shards": [{"shard_id": i} for i in ids]}
+    found = reuse.open_index(str(tmp_path), ["r1"], lambda rid: plan)
+    q = pa.table({"sha256": [_sha(0, 1), _sha(1, 2), _sha(0, 7)], "prompt": ["p", "p", "p"]})
+    assert sorted(found.lookup(q).column("caption").to_pylist()) == ["cap 0 1", "cap 1 2"]
+    assert "name" not in pq.read_schema(index).names  # not built again...
+    assert json.loads((run / "_reuse" / "_index.json").read_text()) == manifest  # ...only marked current
+
+
 def _job(tmp_path, inputs, out, calls, **cfg):
     f = tmp_path / "job.yaml"
     f.write_text(yaml.safe_dump({"engine": {"backend": "fake", "fake_calls_log": str(calls)}, **cfg}))
