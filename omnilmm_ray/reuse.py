@@ -74,6 +74,10 @@ def _column(field: str, name: str) -> str:
     return prompt_column(field, name) if name else field
 
 
+def _constant(value: str, n: int) -> pa.DictionaryArray:
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value]))
+
+
 def _index_rows(fs, run_path: str, sid: str, *, lo: str, hi: str, names: list[str]) -> pa.Table:
     """A shard file's successful rows whose hex sha256 lies in [lo, hi], as INDEX_SCHEMA: one index row
     per row and prompt `names` ([""]: the single prompt)."""
@@ -87,20 +91,10 @@ def _index_rows(fs, run_path: str, sid: str, *, lo: str, hi: str, names: list[st
     ok = pc.and_(ok, pc.and_(pc.greater_equal(sha, lo), pc.less_equal(sha, hi)))
     t = t.filter(ok)
     digests = pa.array([bytes.fromhex(s) for s in t.column("sha256").to_pylist()], pa.binary(32))
-    zeros = pa.array(np.zeros(len(t), np.int32))
-    files = pa.DictionaryArray.from_arrays(zeros, pa.array([sid]))
+    files, prompts = _constant(sid, len(t)), [t.column(_column("prompt", n)) for n in names]
     return pa.concat_tables(
-        pa.table(
-            [
-                digests,
-                t.column(_column("prompt", n)),
-                files,
-                t.column("row"),
-                pa.DictionaryArray.from_arrays(zeros, pa.array([n])),
-            ],
-            schema=INDEX_SCHEMA,
-        )
-        for n in names
+        pa.table([digests, p, files, t.column("row"), _constant(n, len(t))], schema=INDEX_SCHEMA)
+        for n, p in zip(names, prompts)
     )
 
 
@@ -113,9 +107,10 @@ def build_index(
 ) -> dict:
     """Write a run's index from its committed shard files; `rows` (its row count, or a bound) sizes the
     split, `prompt_names` are the run's named prompts (None: the single `prompt`). Memory holds about
-    BUILD_ROWS index rows per prompt at most: a bigger run is read in passes by prefix."""
+    BUILD_ROWS index rows at most: a bigger run is read in passes by prefix."""
     fs, run_path = resolve(run_uri, storage_options)
     names = prompt_names or [""]
+    rows *= len(names)  # index rows: one per image and prompt
     chars = 0
     while rows > ROWS_PER_FILE * 16**chars and chars < 3:
         chars += 1
@@ -233,8 +228,7 @@ class ReuseIndex:
             with fs.open(p, "rb") as f:
                 t = pq.ParquetFile(f, metadata=meta).read_row_groups(groups)
             if "name" not in t.column_names:  # a version 1 index: single-prompt rows
-                zeros = pa.array(np.zeros(len(t), np.int32))
-                t = t.append_column(INDEX_SCHEMA.field("name"), pa.DictionaryArray.from_arrays(zeros, [""]))
+                t = t.append_column(INDEX_SCHEMA.field("name"), _constant("", len(t)))
             return t.filter(pc.is_in(t.column("sha256"), pa.array(wanted, pa.binary(32))))
 
         with ThreadPoolExecutor(min(THREADS, len(by_file))) as ex:
