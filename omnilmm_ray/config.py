@@ -319,7 +319,8 @@ class OutputConfig(_Strict):
     reuse_captions: bool = Field(
         True,
         description="Reuse captions of identical image bytes from earlier runs with the same model/prompt/"
-        "generation settings instead of a GPU pass.",
+        "generation settings instead of a GPU pass, per prompt as rendered for the sample (a template "
+        "filled from other metadata is captioned again).",
     )
     commit_rows: int = Field(
         1024,
@@ -450,14 +451,6 @@ class JobConfig(_Strict):
     def prompt_names(self) -> list[str] | None:
         """The prompt names in multi-prompt mode, None in single-prompt mode."""
         return list(self.prompts) if self.prompts is not None else None
-
-    @property
-    def reuse_by_bytes(self) -> bool:
-        """Earlier captions are looked up by image bytes alone, which holds for one fixed prompt only: not
-        for several named prompts, nor for a template whose rendered prompt differs per sample."""
-        from omnilmm_ray.prompts import parse
-
-        return self.prompts is None and not parse(self.prompt).fields
 
     @property
     def model_label(self) -> str:

@@ -240,7 +240,7 @@ def run_job(
             backend = preflight(cfg)  # nothing to caption, so no engine actor resolves the model
             table.write_plan(run)
             kill_point("plan")
-        reuse = table.reuse_index() if cfg.sink.reuse_captions and cfg.reuse_by_bytes and todo else None
+        reuse = table.reuse_index() if cfg.sink.reuse_captions and todo else None
         committer = ShardCommitter(
             run.uri,
             todo,
@@ -337,6 +337,8 @@ def run_job(
             )
         lease.ensure()
         # Before the seal: a crash up to here leaves the run unsealed, and its resumption writes the index.
-        build_index(run.uri, [s.shard_id for s in run.shards], counts.rows, cfg.sink.storage_options)
+        build_index(
+            run.uri, [s.shard_id for s in run.shards], counts.rows, cfg.sink.storage_options, cfg.prompt_names
+        )
         write_bytes_atomic(fs, join(path, "_SUCCESS"), b"")
         return summary

@@ -105,9 +105,10 @@ def build_dataset(
     if reuse is not None:
         # Same resources and batch size as preprocessing, so Ray Data fuses the two into one task. The
         # index is a list of URIs; each task reads only the index row groups its batch's hashes fall in.
+        # The prompts are rendered there for the lookup, and again, the same, in the engine stage.
         ds = ds.map_batches(
             apply_reuse,
-            fn_kwargs={"index": reuse, "prompt": cfg.prompt},
+            fn_kwargs={"index": reuse, "prompt": cfg.prompt, "prompts": cfg.prompts},
             batch_size=cfg.preprocess.batch_size,
             batch_format="pyarrow",
             num_cpus=cfg.preprocess.num_cpus,

@@ -4,6 +4,9 @@ A template names fields of the sample it is sent with: `text` (the `.txt` sideca
 `metadata.<field>` (a field of the `.json` sidecar or another column of a Parquet input; `a.b` goes into
 nested objects). `{{` and `}}` are literal braces. Templates are checked when the config is loaded; a sample
 that lacks a field its prompt needs becomes a `missing_prompt_field` error row naming the field.
+
+Prompts are rendered where earlier captions are looked up (reuse.apply_reuse, keyed on the rendered text)
+and again in the engine stage, both through `render_row`: the same sample always gives the same text.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import json
 import string
 from dataclasses import dataclass
+
+from omnilmm_ray import schema
 
 ROOTS = ("text", "key", "metadata")
 
@@ -70,6 +75,23 @@ def parse(template: str) -> Template:
             )
         parts.append((literal, field))
     return Template(template, tuple(parts))
+
+
+def templates(prompt: str, prompts: dict[str, str] | None) -> dict[str, Template]:
+    """The job's templates by prompt name; the single `prompt` is named ""."""
+    return {name: parse(t) for name, t in (prompts or {"": prompt}).items()}
+
+
+def render_row(templates: dict[str, Template], row: dict) -> dict[str, str] | None:
+    """The row's prompts by name; None, with the row made a `missing_prompt_field` error row (its `error`
+    and `error_kind` set), when a template names a field the sample lacks."""
+    meta = parse_metadata(row) if any(t.fields for t in templates.values()) else None
+    try:
+        return {name: t.render(row, meta) for name, t in templates.items()}
+    except MissingField as e:
+        which = next(n for n, t in templates.items() if e.field in t.fields)
+        row.update(schema.error("missing_prompt_field", f"prompt{' ' + repr(which) if which else ''} {e}"))
+        return None
 
 
 def parse_metadata(sample: dict) -> dict | None:

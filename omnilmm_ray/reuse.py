@@ -1,8 +1,12 @@
 """Content-hash reuse: a compact index of each sealed run's captioned rows, looked up in batches.
 
-    OUTPUT/run=<id>/_reuse/<prefix>.parquet   sha256 (32 bytes), prompt, file (shard id), row: sorted by
-                                              (sha256, prompt) in small row groups, split by sha256 prefix
+    OUTPUT/run=<id>/_reuse/<prefix>.parquet   sha256 (32 bytes), prompt, file (shard id), row, name: sorted
+                                              by (sha256, prompt) in small row groups, split by sha256 prefix
     OUTPUT/run=<id>/_reuse/_index.json        written last: an index is complete only with it
+
+The key is the prompt as rendered for the sample (a template filled from its metadata), so the same bytes
+with other metadata are captioned again. A run with several named prompts has one index row per image and
+prompt (`name`: whose `caption_<name>` columns hold the caption; "" for the single `prompt`).
 
 The index is written when a run is sealed, before `_SUCCESS`, from the run's committed shard files, so a
 crash anywhere before the seal loses nothing: the resumed run writes it again. A sealed run without one
@@ -25,12 +29,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from omnilmm_ray.prompts import render_row, templates
+from omnilmm_ray.schema import prompt_column
 from omnilmm_ray.storage import join, read_json, read_whole, resolve, write_json, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
 INDEX_DIR = "_reuse"
 MANIFEST = "_index.json"
+# 2: several-prompt runs indexed per prompt (`name`). A version 1 index of such a run holds only its null
+# `prompt` column, which no lookup matches: it is built again; one of a single-prompt run is still good.
+VERSION = 2
 ROW_GROUP = 2048  # a query that falls in a run's sha256 range reads about one row group (~90 KB)
 ROWS_PER_FILE = 2_000_000  # above this a run's index is split by the first hex digits of sha256
 BUILD_ROWS = 4_000_000  # index rows sorted in memory at once (~100 B each); a bigger run takes passes
@@ -42,6 +51,7 @@ INDEX_SCHEMA = pa.schema(
         pa.field("prompt", pa.string()),
         pa.field("file", pa.dictionary(pa.int32(), pa.string())),
         pa.field("row", pa.int32()),
+        pa.field("name", pa.dictionary(pa.int32(), pa.string())),
     ]
 )
 HITS_SCHEMA = pa.schema(
@@ -60,11 +70,20 @@ def _prefixes(chars: int) -> list[str]:
     return [""] if chars == 0 else [f"{i:0{chars}x}" for i in range(16**chars)]
 
 
-def _index_rows(fs, run_path: str, sid: str, *, lo: str, hi: str) -> pa.Table:
-    """A shard file's successful rows whose hex sha256 lies in [lo, hi], as INDEX_SCHEMA."""
+def _column(field: str, name: str) -> str:
+    return prompt_column(field, name) if name else field
+
+
+def _constant(value: str, n: int) -> pa.DictionaryArray:
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value]))
+
+
+def _index_rows(fs, run_path: str, sid: str, *, lo: str, hi: str, names: list[str]) -> pa.Table:
+    """A shard file's successful rows whose hex sha256 lies in [lo, hi], as INDEX_SCHEMA: one index row
+    per row and prompt `names` ([""]: the single prompt)."""
     t = pq.read_table(
         pa.BufferReader(read_whole(fs, join(run_path, f"{sid}.parquet"))),
-        columns=["sha256", "prompt", "error"],
+        columns=["sha256", "error", *(_column("prompt", n) for n in names)],
     )
     t = t.append_column("row", pa.array(np.arange(len(t), dtype=np.int32)))
     sha = t.column("sha256")
@@ -72,14 +91,26 @@ def _index_rows(fs, run_path: str, sid: str, *, lo: str, hi: str) -> pa.Table:
     ok = pc.and_(ok, pc.and_(pc.greater_equal(sha, lo), pc.less_equal(sha, hi)))
     t = t.filter(ok)
     digests = pa.array([bytes.fromhex(s) for s in t.column("sha256").to_pylist()], pa.binary(32))
-    files = pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(t), np.int32)), pa.array([sid]))
-    return pa.table([digests, t.column("prompt"), files, t.column("row")], schema=INDEX_SCHEMA)
+    files, prompts = _constant(sid, len(t)), [t.column(_column("prompt", n)) for n in names]
+    return pa.concat_tables(
+        pa.table([digests, p, files, t.column("row"), _constant(n, len(t))], schema=INDEX_SCHEMA)
+        for n, p in zip(names, prompts)
+    )
 
 
-def build_index(run_uri: str, shard_ids: list[str], rows: int, storage_options: dict | None = None) -> dict:
+def build_index(
+    run_uri: str,
+    shard_ids: list[str],
+    rows: int,
+    storage_options: dict | None = None,
+    prompt_names: list[str] | None = None,
+) -> dict:
     """Write a run's index from its committed shard files; `rows` (its row count, or a bound) sizes the
-    split. Memory holds about BUILD_ROWS index rows at most: a bigger run is read in passes by prefix."""
+    split, `prompt_names` are the run's named prompts (None: the single `prompt`). Memory holds about
+    BUILD_ROWS index rows at most: a bigger run is read in passes by prefix."""
     fs, run_path = resolve(run_uri, storage_options)
+    names = prompt_names or [""]
+    rows *= len(names)  # index rows: one per image and prompt
     chars = 0
     while rows > ROWS_PER_FILE * 16**chars and chars < 3:
         chars += 1
@@ -94,7 +125,9 @@ def build_index(run_uri: str, shard_ids: list[str], rows: int, storage_options: 
             t = pa.concat_tables(
                 [
                     INDEX_SCHEMA.empty_table(),
-                    *ex.map(functools.partial(_index_rows, fs, run_path, lo=lo, hi=hi), shard_ids),
+                    *ex.map(
+                        functools.partial(_index_rows, fs, run_path, lo=lo, hi=hi, names=names), shard_ids
+                    ),
                 ]
             )
             t = t.sort_by([("sha256", "ascending"), ("prompt", "ascending")])
@@ -108,7 +141,7 @@ def build_index(run_uri: str, shard_ids: list[str], rows: int, storage_options: 
                 files.append(name)
                 total += b - a
             del t
-    manifest = {"prefix_chars": chars, "rows": total, "files": files}
+    manifest = {"version": VERSION, "prefix_chars": chars, "rows": total, "files": files}
     write_json(fs, join(run_path, INDEX_DIR, MANIFEST), manifest)
     return manifest
 
@@ -130,12 +163,20 @@ def open_index(output_uri: str, sealed: list[str], plan_of, storage_options: dic
         run_uri = join(output_uri, f"run={rid}")
         fs, run_path = resolve(run_uri, storage_options)
         manifest = read_json(fs, join(run_path, INDEX_DIR, MANIFEST))
-        if manifest is None:
+        if manifest is None or manifest.get("version", 1) < VERSION:
             plan = plan_of(rid)
-            summary = read_json(fs, join(run_path, "_summary.json")) or {}
-            rows = summary.get("rows") or sum(len(s.get("members") or ()) or 10_000 for s in plan["shards"])
-            log.info("run %s was sealed without a reuse index; building it once", rid)
-            manifest = build_index(run_uri, [s["shard_id"] for s in plan["shards"]], rows, storage_options)
+            names = list((plan.get("fingerprint") or {}).get("prompts") or ()) or None
+            if manifest is None or names:
+                summary = read_json(fs, join(run_path, "_summary.json")) or {}
+                rows = summary.get("rows") or sum(
+                    len(s.get("members") or ()) or 10_000 for s in plan["shards"]
+                )
+                log.info("run %s was sealed without a current reuse index; building it once", rid)
+                ids = [s["shard_id"] for s in plan["shards"]]
+                manifest = build_index(run_uri, ids, rows, storage_options, names)
+            else:  # same rows as version 2: marked, so that its plan is not read again
+                manifest["version"] = VERSION
+                write_json(fs, join(run_path, INDEX_DIR, MANIFEST), manifest)
         if manifest["rows"]:
             runs.append((run_uri, manifest["prefix_chars"]))
     return ReuseIndex(runs, storage_options) if runs else None
@@ -186,11 +227,14 @@ class ReuseIndex:
             fs, p = resolve(path, json.loads(self.opts))
             with fs.open(p, "rb") as f:
                 t = pq.ParquetFile(f, metadata=meta).read_row_groups(groups)
+            if "name" not in t.column_names:  # a version 1 index: single-prompt rows
+                t = t.append_column(INDEX_SCHEMA.field("name"), _constant("", len(t)))
             return t.filter(pc.is_in(t.column("sha256"), pa.array(wanted, pa.binary(32))))
 
         with ThreadPoolExecutor(min(THREADS, len(by_file))) as ex:
             found = pa.concat_tables([INDEX_SCHEMA.empty_table(), *ex.map(probe, by_file.items())])
         found = found.set_column(2, "file", found.column("file").cast(pa.string()))
+        found = found.set_column(4, "name", found.column("name").cast(pa.string()))
         return found.join(queries, ["sha256", "prompt"], join_type="inner")
 
     def lookup(self, queries: pa.Table) -> pa.Table:
@@ -214,7 +258,7 @@ class ReuseIndex:
             found = (
                 self._probe(run_uri, chars, q)
                 .group_by(["sha256", "prompt"], use_threads=False)
-                .aggregate([("file", "first"), ("row", "first")])
+                .aggregate([("file", "first"), ("row", "first"), ("name", "first")])
             )
             if len(found):
                 hits.append((run_uri, found))
@@ -228,30 +272,52 @@ class ReuseIndex:
         fs, run_path = resolve(run_uri, json.loads(self.opts))
         parts = []
         for f in pc.unique(found.column("file_first")).to_pylist():
-            mine = found.filter(pc.equal(found.column("file_first"), f))
+            in_file = found.filter(pc.equal(found.column("file_first"), f))
+            names = pc.unique(in_file.column("name_first")).to_pylist()
             with fs.open(join(run_path, f"{f}.parquet"), "rb") as fh:
-                t = pq.read_table(fh, columns=CAPTION_FIELDS).take(mine.column("row_first"))
-            sha = pa.array([s.hex() for s in mine.column("sha256").to_pylist()], pa.string())
-            parts.append(pa.table([sha, mine.column("prompt"), *t.columns], schema=HITS_SCHEMA))
+                t = pq.read_table(fh, columns=[_column(c, n) for n in names for c in CAPTION_FIELDS])
+            for n in names:
+                mine = in_file.filter(pc.equal(in_file.column("name_first"), n))
+                got = t.select([_column(c, n) for c in CAPTION_FIELDS]).take(mine.column("row_first"))
+                sha = pa.array([s.hex() for s in mine.column("sha256").to_pylist()], pa.string())
+                parts.append(pa.table([sha, mine.column("prompt"), *got.columns], schema=HITS_SCHEMA))
         t = pa.concat_tables(parts)
         return t.filter(pc.is_valid(t.column("caption")))  # only successful rows are indexed; be sure
 
 
-def apply_reuse(batch: pa.Table, index: ReuseIndex, prompt: str) -> pa.Table:
-    """PIXELS rows -> the same rows plus caption fields and `cached`: a row whose (sha256, prompt) an
-    earlier run captioned gets that caption and loses its pixels, so the engine stage skips it."""
-    n = len(batch)
-    sha = batch.column("sha256")
-    queries = pa.table({"sha256": sha, "prompt": pa.array([prompt] * n, pa.string())})
-    ok = pc.and_(pc.is_valid(sha), pc.is_null(batch.column("error")))
-    hits = index.lookup(queries.filter(ok)) if n else HITS_SCHEMA.empty_table()
-    by_sha = {r["sha256"]: r for r in hits.to_pylist()}
-    found = [by_sha.get(s) if good else None for s, good in zip(sha.to_pylist(), ok.to_pylist())]
-    cached = pa.array([f is not None for f in found], pa.bool_())
-    for name in CAPTION_FIELDS:
-        batch = batch.append_column(
-            HITS_SCHEMA.field(name), pa.array([f and f[name] for f in found], HITS_SCHEMA.field(name).type)
+def apply_reuse(
+    batch: pa.Table, index: ReuseIndex, prompt: str, prompts: dict[str, str] | None = None
+) -> pa.Table:
+    """PIXELS rows -> the same rows plus each prompt's caption fields and `cached`. The job's prompts
+    (`prompt`, or the named `prompts`) are rendered per row; a (sha256, rendered prompt) an earlier run
+    captioned gets that caption in the prompt's columns (`caption`, or `caption_<name>`...), which the
+    engine stage then skips. A row whose every prompt was found is `cached` and loses its pixels; one
+    whose template names a field the sample lacks becomes its `missing_prompt_field` error row here."""
+    tpl = templates(prompt, prompts)
+    rows = batch.select(["key", "text", "metadata", "sha256", "error", "error_kind"]).to_pylist()
+    rendered = [render_row(tpl, r) if r["sha256"] is not None and r["error"] is None else None for r in rows]
+    queries = [(r["sha256"], p) for r, ps in zip(rows, rendered) if ps for p in ps.values()]
+    q = pa.table(
+        {"sha256": [s for s, _ in queries], "prompt": [p for _, p in queries]},
+        schema=pa.schema([HITS_SCHEMA.field("sha256"), HITS_SCHEMA.field("prompt")]),
+    )
+    hits = index.lookup(q) if queries else HITS_SCHEMA.empty_table()
+    by_key = {(h["sha256"], h["prompt"]): h for h in hits.to_pylist()}
+    found = [
+        {n: by_key.get((r["sha256"], p)) for n, p in ps.items()} if ps else {}
+        for r, ps in zip(rows, rendered)
+    ]
+    cached = pa.array([bool(f) and None not in f.values() for f in found], pa.bool_())
+    for name in tpl:
+        for c in CAPTION_FIELDS:
+            values = [(f.get(name) or {}).get(c) for f in found]
+            field = HITS_SCHEMA.field(c).with_name(_column(c, name))
+            batch = batch.append_column(field, pa.array(values, field.type))
+    for c in ("error", "error_kind"):
+        batch = batch.set_column(
+            batch.schema.get_field_index(c), c, pa.array([r[c] for r in rows], pa.string())
         )
-    pixels = pc.if_else(cached, pa.scalar(None, batch.schema.field("pixels").type), batch.column("pixels"))
+    gone = pc.or_(cached, pc.is_valid(batch.column("error")))  # neither goes to the engine
+    pixels = pc.if_else(gone, pa.scalar(None, batch.schema.field("pixels").type), batch.column("pixels"))
     batch = batch.set_column(batch.schema.get_field_index("pixels"), "pixels", pixels)
     return batch.append_column("cached", cached)

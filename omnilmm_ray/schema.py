@@ -35,7 +35,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("output_tokens", pa.int32()),
         pa.field("finish_reason", pa.string()),
         pa.field("sha256", pa.string()),  # of the original image bytes
-        pa.field("cached", pa.bool_()),  # caption reused from an earlier run (same bytes and settings)
+        pa.field("cached", pa.bool_()),  # all its captions from earlier runs (same bytes, prompt, settings)
         pa.field("metadata", pa.string()),  # sidecar JSON / other Parquet columns, as JSON text
         pa.field("text", pa.string()),  # sidecar .txt
         pa.field("flags", pa.list_(pa.string())),  # quality flags (quality.py); multi-prompt: "<name>:<flag>"

@@ -22,7 +22,7 @@ from omnilmm_ray.engines import Caption, EngineDied, Prepared, make_engine, reso
 from omnilmm_ray.faults import FlightRecorder
 from omnilmm_ray.metrics import EngineMetrics
 from omnilmm_ray.preprocess import binary_views, pixels_to_image, preprocess_batch
-from omnilmm_ray.prompts import MissingField, parse, parse_metadata
+from omnilmm_ray.prompts import render_row, templates
 from omnilmm_ray.quality import caption_flags
 from omnilmm_ray.readers import read_shard
 from omnilmm_ray.sources import Shard
@@ -125,13 +125,28 @@ def _answer(r: dict, name: str, prompt: str, c: Caption, cfg: JobConfig, first=N
                 r[k] = (r.get(k) or 0) + getattr(c, k)
 
 
+def _served(r: dict, prompts: dict[str, str]) -> dict[str, Caption]:
+    """The captions of the row's prompts that reuse.apply_reuse found in earlier runs, by prompt name: it
+    fills a prompt's caption columns only for those, and nothing else sets them before this stage."""
+    out = {}
+    for name in prompts:
+        cols = [
+            schema.prompt_column(f, name) if name else f
+            for f in ("caption", "input_tokens", "output_tokens", "finish_reason")
+        ]
+        if r.get(cols[0]) is not None:
+            out[name] = Caption(*(r[c] for c in cols))
+    return out
+
+
 class CaptionStage:
     """The GPU actor: builds one engine in `__init__`, captions fixed-size batches in `__call__`.
 
-    Rows an earlier run already captioned arrive with `cached` set and their caption (reuse.apply_reuse,
-    a CPU stage before this one); they skip the engine. An engine that dies takes the actor down with it; Ray restarts the actor and retries
-    the batch, which the flight recorder then splits so that an image that kills engines by itself ends
-    as an `engine_crash` error row instead of killing actors forever.
+    Captions earlier runs made for a row's (image bytes, rendered prompt) arrive in the row
+    (reuse.apply_reuse, a CPU stage before this one): only the row's other prompts go to the engine, and a
+    row with all of them served skips it (`cached`). An engine that dies takes the actor down with it; Ray
+    restarts the actor and retries the batch, which the flight recorder then splits so that an image that
+    kills engines by itself ends as an `engine_crash` error row instead of killing actors forever.
     """
 
     def __init__(self, cfg: JobConfig, run_uri: str, vision=None, gate_key: str | None = None):
@@ -148,7 +163,7 @@ class CaptionStage:
             gate.open_gate(gate_key, backend)
         resolved_s = time.monotonic() - t0
         self.cfg = cfg
-        self.templates = {n: parse(t) for n, t in (cfg.prompts or {"": cfg.prompt}).items()}
+        self.templates = templates(cfg.prompt, cfg.prompts)
         self.out_schema = schema.engine_schema(cfg.prompt_names)
         self.retry_flags = set(cfg.quality.retry_flags)
         self.retry_gen = cfg.quality.retry_config(cfg.generation) if self.retry_flags else None
@@ -200,19 +215,19 @@ class CaptionStage:
             pw, ph = r.pop("pw"), r.pop("ph")
             if r["shard_rows"] is not None:  # end marker
                 continue
-            hit = r.get("cached")  # reuse.apply_reuse found an earlier run's caption of these bytes
             r.update(model=self.cfg.model_label, cached=False)
             if r["error"] is not None:
                 continue
-            prompts = self._render(r)
+            prompts = render_row(self.templates, r)
             if prompts is None:
                 continue
-            if hit:
-                r["cached"] = True
-                c = Caption(r["caption"], r["input_tokens"], r["output_tokens"], r["finish_reason"])
-                _answer(r, "", prompts[""], c, self.cfg)
-            else:
-                todo.append((r, self._image(r, px, pw, ph), prompts))
+            served = _served(r, prompts)
+            for name, c in served.items():
+                _answer(r, name, prompts[name], c, self.cfg)
+            r["cached"] = len(served) == len(prompts)
+            rest = {name: p for name, p in prompts.items() if name not in served}
+            if rest:  # a row with every caption served lost its pixels in apply_reuse
+                todo.append((r, self._image(r, px, pw, ph), rest))
         self.timer.start("engine")
         if todo and self.flight.begin(_ids(todo)) == 0:
             self._caption(todo)
@@ -234,16 +249,6 @@ class CaptionStage:
         out = schema.table(rows, self.out_schema)
         self.timer.stop(len(todo))
         return out
-
-    def _render(self, r: dict) -> dict[str, str] | None:
-        """The row's prompts by name; None (and the row an error) when a template names a missing field."""
-        meta = parse_metadata(r) if any(t.fields for t in self.templates.values()) else None
-        try:
-            return {name: t.render(r, meta) for name, t in self.templates.items()}
-        except MissingField as e:
-            which = next(n for n, t in self.templates.items() if e.field in t.fields)
-            r.update(schema.error("missing_prompt_field", f"prompt{' ' + repr(which) if which else ''} {e}"))
-            return None
 
     def _caption(self, todo: list[tuple[dict, Image.Image, dict]], alone: bool = False) -> None:
         with self._calls:

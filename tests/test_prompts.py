@@ -9,6 +9,7 @@ import pytest
 from omnilmm_ray import cli, schema
 from omnilmm_ray.config import ConfigError, JobConfig, load_config
 from omnilmm_ray.prompts import MissingField, parse
+from omnilmm_ray.reuse import HITS_SCHEMA, apply_reuse
 from omnilmm_ray.samples import build_samples, draw, encode
 from omnilmm_ray.stages import CaptionStage
 from tests.test_commit_stages import _pixels_batch
@@ -83,6 +84,40 @@ def test_missing_template_field_is_an_error_row_naming_it(tmp_path):
     assert r[0]["prompt"] == "Known as A mug." and r[0]["caption"].startswith("[fake]")
     assert r[1]["error_kind"] == "missing_prompt_field" and "{metadata.title}" in r[1]["error"]
     assert r[1]["caption"] is None
+
+
+def test_reuse_renders_each_row_and_the_engine_gets_only_the_prompts_not_found(tmp_path, monkeypatch):
+    prompts = {"alt": "Alt.", "detailed": "About {text}."}
+    cfg = JobConfig(inputs=["x"], output="o", engine={"backend": "fake"}, prompts=prompts)
+    rows = _pixels_batch([encode(draw(i)[0]) for i in range(3)]).to_pylist()
+    rows[0]["text"], rows[1]["text"] = "a cat", "a dog"  # row 2 has no text: {text} is missing
+    sha = [r["sha256"] for r in rows]
+    earlier = [(sha[0], "Alt."), (sha[0], "About a cat."), (sha[1], "Alt."), (sha[1], "About a fox.")]
+
+    class Index:  # what reuse.ReuseIndex.lookup answers: earlier captions of the asked pairs
+        def lookup(self, q):
+            asked = set(zip(q.column("sha256").to_pylist(), q.column("prompt").to_pylist()))
+            hits = [
+                {"sha256": s, "prompt": p, "caption": f"earlier {p}", "input_tokens": 3} for s, p in earlier
+            ]
+            return schema.table([h for h in hits if (h["sha256"], h["prompt"]) in asked], HITS_SCHEMA)
+
+    batch = apply_reuse(schema.table(rows, schema.PIXELS_SCHEMA), Index(), cfg.prompt, cfg.prompts)
+    assert batch.column("cached").to_pylist() == [True, False, False, False]
+    assert [p is not None for p in batch.column("pixels").to_pylist()] == [False, True, False, False]
+    assert batch.column("error_kind").to_pylist()[2] == "missing_prompt_field"
+    stage = CaptionStage(cfg, str(tmp_path))
+    asked = []
+    real = stage.engine.caption
+    monkeypatch.setattr(stage.engine, "caption", lambda p, ims: asked.extend(p) or real(p, ims))
+    r = stage(batch).to_pylist()
+    assert asked == ["About a dog."]  # row 1's detailed prompt: its alt text was found
+    assert r[0]["cached"] and r[0]["caption_detailed"] == "earlier About a cat." and r[0]["input_tokens"] == 6
+    assert r[0]["flags_alt"] is not None and r[0]["prompt_alt"] == "Alt."
+    assert not r[1]["cached"] and r[1]["caption_alt"] == "earlier Alt."
+    assert r[1]["caption_detailed"].startswith("[fake]") and r[1]["prompt_detailed"] == "About a dog."
+    assert r[2]["error_kind"] == "missing_prompt_field" and r[2]["error"].count("{text}") == 1
+    assert r[2]["caption_alt"] is None and not r[2]["cached"]
 
 
 @pytest.mark.integration
