@@ -33,8 +33,6 @@ from omnilmm_ray.storage import join, open_atomic, read_json, resolve, write_jso
 
 log = logging.getLogger(__name__)
 
-LATEST_SCHEMA = schema.OUTPUT_SCHEMA.append(pa.field("run", pa.string()))
-
 
 @dataclass
 class Run:
@@ -196,9 +194,18 @@ class OutputTable:
                 parts.append(t.append_column("run", pa.array([rid] * len(t), pa.string())))
         return pa.concat_tables(parts) if parts else pa.table({})
 
+    def output_schema(self) -> pa.Schema:
+        """This output's columns (with the per-prompt ones of a multi-prompt output): an output holds one
+        labelling configuration, so any run's plan tells."""
+        for rid in reversed(self.run_ids()):
+            if plan := self.plan_of(rid):
+                return schema.output_schema(list(plan["fingerprint"].get("prompts") or []))
+        return schema.OUTPUT_SCHEMA
+
     def read_latest(self) -> pa.Table:
         """The newest caption per (source, key) across sealed runs, with a `run` column (see iter_latest)."""
-        return pa.concat_tables([LATEST_SCHEMA.empty_table(), *self.iter_latest()])
+        empty = self.output_schema().append(pa.field("run", pa.string())).empty_table()
+        return pa.concat_tables([empty, *self.iter_latest()])
 
     def iter_latest(self) -> Iterator[pa.Table]:
         """The newest row per (source, key) across sealed runs, one table per input shard (its files in every
@@ -208,6 +215,7 @@ class OutputTable:
         again from its index on. (For loose files its source is their folder, and any later read of files in
         that folder drops it; the files themselves stay planned for a retry until read.)
         """
+        columns = self.output_schema()
         groups: dict[str, list[tuple[str, Shard]]] = {}
         for rid in self.sealed_runs():
             for d in self.plan_of(rid)["shards"]:
@@ -216,7 +224,7 @@ class OutputTable:
             parts = []
             for rid, s in reread:
                 with self.fs.open(shard_file(self._run_path(rid), s.shard_id), "rb") as f:
-                    t = pq.read_table(f).replace_schema_metadata(None).cast(schema.OUTPUT_SCHEMA)
+                    t = pq.read_table(f).replace_schema_metadata(None).cast(columns)
                 parts.append(t.append_column("run", pa.array([rid] * len(t), pa.string())))
             t = pa.concat_tables(parts)
             keyless = t.filter(pc.is_null(t.column("key")))
@@ -243,9 +251,11 @@ class OutputTable:
 def latest_to_parquet(output_uri: str, dest_uri: str, storage_options: dict | None = None) -> int:
     """Write `read_latest()` of an output table to one Parquet file; returns its row count."""
     fs, path = resolve(dest_uri, storage_options)
+    table = OutputTable(output_uri, storage_options)
+    columns = table.output_schema().append(pa.field("run", pa.string()))
     n = 0
-    with open_atomic(fs, path) as f, pq.ParquetWriter(f, LATEST_SCHEMA, compression="zstd") as w:
-        for t in OutputTable(output_uri, storage_options).iter_latest():
+    with open_atomic(fs, path) as f, pq.ParquetWriter(f, columns, compression="zstd") as w:
+        for t in table.iter_latest():
             w.write_table(t)
             n += len(t)
     return n

@@ -140,6 +140,14 @@ def test_multi_prompt_job_on_s3(ray_local, s3, tmp_path):
     assert df["caption_alt"].str.startswith("[fake]").all() and (df["prompt_tags"] == "Tags?").all()
     summary = json.loads(s3.cat_file(f"{runs[0]}/_summary.json"))
     assert summary["counts"]["ok"] == 10 and "quality" in summary
+    # the latest view of a multi-prompt output keeps its per-prompt columns
+    from omnilmm_ray.table import OutputTable, latest_to_parquet
+
+    latest = OutputTable(out).read_latest()
+    assert latest.num_rows == 10
+    assert sorted(latest.column("caption_alt").to_pylist()) == sorted(df["caption_alt"])
+    assert latest_to_parquet(out, str(tmp_path / "latest.parquet")) == 10
+    assert "caption_tags" in pq.read_schema(tmp_path / "latest.parquet").names
     # the same output with other prompts is another labelling configuration
     cfg.write_text(json.dumps({"prompts": {"alt": "Other."}, "engine": {"backend": "fake"}}))
     assert (
