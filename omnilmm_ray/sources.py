@@ -79,10 +79,9 @@ class Shard:
         """to_dict without what a plan must not store (credentials) or need not (a compact shard's members)."""
         d = self.to_dict()
         del d["listing_options"]
-        if self.listing:
-            for k in ("members", "fingerprints", "sidecars"):
-                del d[k]
-        return d
+        drop = ("count", "first", "last", "listing") if self.format != "files" else ()
+        drop += ("members", "fingerprints", "sidecars") if self.listing else ()
+        return {k: v for k, v in d.items() if k not in drop}
 
     @classmethod
     def from_dict(cls, d: dict) -> Shard:
@@ -349,6 +348,9 @@ def without_done(shards: list[Shard], done: dict[str, str]) -> list[Shard]:
                     fps,
                     s.size,
                     sidecars=tuple(sc for *_, sc in keep) if s.sidecars is not None else None,
+                    count=len(keep),
+                    first=keep[0][0],
+                    last=keep[-1][0],
                 )
             )
     return out
