@@ -6,8 +6,11 @@ planting the sha256 of half the images of a small new shard in it. Then, each in
 RSS is its own: the nightly job over that new shard (fake engine, local Ray; driver peak RSS, wall time,
 images reused), one CPU worker's reuse lookup of the new shard's hashes, the engine actor's construction,
 verify of the whole history run, and the latest view streamed to a Parquet file.
+`--loose-files N ...`: planning a run over N tiny loose files (1,000 per folder, never decoded), then the
+nightly plan after one file was added: driver peak RSS, time and plan bytes per file.
 
     python bench/driver_scale.py --rows 100000 1000000 --work /tmp/scale
+    python bench/driver_scale.py --loose-files 200000 1000000 --baseline /tmp/old-code --work /tmp/scale
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -239,6 +243,40 @@ def _pending(s: Shard, rng):
     return _Pending(tables=[rows], seen=set(range(10)), rows=10, expected=list(range(10)))
 
 
+def loose_files(n: int, work: Path, root: Path) -> dict:
+    """Plan a new run over `n` loose files, seal it as planned, then plan the nightly run after one file
+    was added, each in a fresh process running the code at `root`."""
+    src = work / f"loose-{n}"
+    if not (src / "_complete").exists():
+        shutil.rmtree(src, ignore_errors=True)
+        for i in range(n):
+            d = src / f"f{i // 1000:05d}"
+            if i % 1000 == 0:
+                d.mkdir(parents=True)
+            (d / f"img{i:08d}.jpg").write_bytes(b"not decoded when planning")
+        (src / "_complete").write_bytes(b"")  # a sidecar-free marker: ignored by the planner
+    out = work / f"loose-out-{n}"
+    shutil.rmtree(out, ignore_errors=True)
+    (src / "f00000" / "img-added.jpg").unlink(missing_ok=True)
+    imports = "from omnilmm_ray.config import JobConfig\nfrom omnilmm_ray.table import OutputTable"
+    body = (
+        f"cfg = JobConfig(inputs=[{str(src)!r}], output={str(out)!r})\n"
+        "run = OutputTable(cfg.output).open_run(cfg); extra = {'shards': len(run.shards)}"
+    )
+    res = {"files": n, "plan": probe(imports, body, root=root)}
+    (run_dir,) = out.glob("run=*")
+    res["plan"]["plan_bytes_per_file"] = round(
+        sum(f.stat().st_size for f in [*out.rglob("_plan.json"), *out.glob("_files/*")]) / n, 1
+    )
+    res["plan"]["plan_json_bytes_per_file"] = round((run_dir / "_plan.json").stat().st_size / n, 1)
+    write_json(LocalFileSystem(), str(run_dir / "_summary.json"), {"errors_by_kind": {}})
+    (run_dir / "_SUCCESS").write_bytes(b"")
+    (src / "f00000" / "img-added.jpg").write_bytes(b"new")
+    res["nightly_plan"] = probe(imports, body, root=root)
+    (src / "f00000" / "img-added.jpg").unlink()
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -247,7 +285,17 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, help="also run the nightly job with the code in this folder")
     ap.add_argument("--only-nightly", action="store_true", help="measure the nightly job(s) only")
     ap.add_argument("--s3-verify-shards", type=int, default=0, help="also: verify_run of N shards on moto")
+    ap.add_argument("--loose-files", type=int, nargs="+", help="only: plan runs over N loose files")
     a = ap.parse_args()
+    if a.loose_files:
+        res = {"machine": f"{platform.node()} {os.cpu_count()} cores, Python {platform.python_version()}"}
+        for n in a.loose_files:
+            res[n] = {"code": loose_files(n, a.work, ROOT)}
+            if a.baseline:
+                res[n]["baseline_code"] = loose_files(n, a.work, a.baseline)
+            print(json.dumps(res[n], indent=1), flush=True)
+        print("RESULTS " + json.dumps(res))
+        return
     if a.s3_verify_shards:
         print("RESULTS " + json.dumps({"s3_verify": s3_verify(a.s3_verify_shards, a.work)}))
         return

@@ -214,7 +214,7 @@ def run_job(
     if dry_run:
         table = check_output(cfg, write=False)
         with storage_access("inputs", cfg.inputs):  # the output answered: a storage error is the inputs'
-            return {"dry_run": describe(cfg, table.open_run(cfg, write=False))}
+            return {"dry_run": describe(cfg, table.open_run(cfg, write=False, listings=False))}
     table = table or check_output(cfg)
     require_gpus(cfg, wait_for_gpus)
     with Lease(cfg.output, cfg.sink.lock_ttl_s, cfg.sink.storage_options) as lease:

@@ -63,7 +63,7 @@ def plan_counts(shards: list[Shard], storage_options: dict | None = None) -> dic
         )
     for s in shards:
         if s.format == "files":
-            counts[s.shard_id] = len(s.members)  # read whole: a loose-file retry plans the files themselves
+            counts[s.shard_id] = s.files  # read whole: a loose-file retry plans the files themselves
         else:
             counts[s.shard_id] = _wanted(s, rows.get(s.shard_id))
     return counts

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from omnilmm_ray import schema
 from omnilmm_ray.config import InputConfig
-from omnilmm_ray.sources import IMAGE_EXTS, Shard
+from omnilmm_ray.sources import IMAGE_EXTS, Shard, load_listing
 from omnilmm_ray.storage import join, read_whole, resolve
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,7 @@ def _parquet_samples(f, cfg: InputConfig, uri: str) -> Iterator[dict]:
 
 
 def _file_samples(shard: Shard, cfg: InputConfig) -> Iterator[dict]:
+    shard = load_listing(shard)  # a compact plan's shard: its file list, one GET per shard
     fs, root = resolve(shard.uri, cfg.storage_options)
     listed = shard.sidecars or (None,) * len(shard.members)
     for key, exts in zip(shard.members, listed):

@@ -2,6 +2,7 @@
 
     OUTPUT/_lock.json                     lease held by the running job
     OUTPUT/run=<id>/_plan.json            shards this run covers (+ settings fingerprint)
+    OUTPUT/_files/<digest>.parquet        the files of one loose-file shard of a plan (listings.py)
     OUTPUT/run=<id>/<shard_id>.parquet    one file per shard, written once, atomically
     OUTPUT/run=<id>/_summary.json, _SUCCESS
 
@@ -26,9 +27,10 @@ import pyarrow.parquet as pq
 from omnilmm_ray import schema
 from omnilmm_ray.commit import shard_file
 from omnilmm_ray.config import ConfigError, JobConfig, fingerprint_diff, generation_fingerprint
+from omnilmm_ray.listings import CoveredFiles, ListingWriter, key_range
 from omnilmm_ray.reuse import ReuseIndex, open_index
 from omnilmm_ray.schema import SHARD_KINDS
-from omnilmm_ray.sources import Retry, Shard, plan_shards, without_done
+from omnilmm_ray.sources import Retry, Shard, iter_shards, load_listing
 from omnilmm_ray.storage import join, open_atomic, read_json, resolve, write_json
 
 log = logging.getLogger(__name__)
@@ -71,11 +73,17 @@ class OutputTable:
     def sealed_runs(self) -> list[str]:
         return [r for r in self.run_ids() if self.is_sealed(r)]
 
-    def open_run(self, cfg: JobConfig, write: bool = True) -> Run:
+    def shard(self, d: dict) -> Shard:
+        """A shard of a plan; a compact one reads its listing with the output's storage options."""
+        s = Shard.from_dict(d)
+        return replace(s, listing_options=self.opts) if s.listing else s
+
+    def open_run(self, cfg: JobConfig, write: bool = True, listings: bool = True) -> Run:
         """Resume the newest unsealed run, or plan a new one over what no sealed run covered.
 
         `write=False` leaves a new run's plan unwritten (`write_plan`): the job writes it once an engine
-        serves the model, so a job that fails before leaves no run behind.
+        serves the model, so a job that fails before leaves no run behind. `listings=False` (a dry run)
+        writes no listing of loose-file shards either.
         """
         fp = generation_fingerprint(cfg)
         ids = self.run_ids()
@@ -89,26 +97,37 @@ class OutputTable:
                     "generation settings go to a new --output, or set those fields back"
                 )
         if ids and ids[-1] not in sealed and plans[ids[-1]] is not None:
-            shards = [Shard.from_dict(s) for s in plans[ids[-1]]["shards"]]
+            shards = [self.shard(s) for s in plans[ids[-1]]["shards"]]
             return Run(ids[-1], self.run_uri(ids[-1]), shards, True)
-        done: dict[str, str] = {}
+        done: dict[str, str] = {}  # tar/Parquet shard URI -> fingerprint: one per shard
+        loose: list[list[Shard]] = []
         for rid in sealed:
-            for s in plans[rid]["shards"]:
-                done.update(s["fingerprints"])
+            loose.append([])
+            for d in plans[rid]["shards"]:
+                if d["format"] == "files":
+                    loose[-1].append(self.shard(d))
+                else:
+                    done.update(d["fingerprints"])
+        covered = CoveredFiles(loose)
+        del loose
         retry, redo_files = self._failed_rows(sealed, plans, cfg.sink.retry_kinds())
-        for u in redo_files:  # a loose file is one image: reading it again whole redoes just its row
-            done.pop(u, None)
-        listed = plan_shards(cfg.inputs, cfg.input)
-        shards = without_done(listed, done)
-        # Unchanged shards (same fingerprint) with failed rows: only those rows; a changed one is read whole.
-        whole = {s.uri for s in shards}
-        shards += [replace(s, retry=retry[s.uri]) for s in listed if s.uri not in whole and s.uri in retry]
+        shards = []
+        with ListingWriter(self.uri, self.opts, write=listings) as listing:
+            for s in iter_shards(cfg.inputs, cfg.input):
+                if s.format == "files":
+                    # a loose file is one image: reading a failed one again whole redoes just its row
+                    if (part := covered.new_part(s, redo_files)) is not None:
+                        shards.append(listing.compact(part))
+                elif any(done.get(u) != f for u, f in s.fingerprints.items()):
+                    shards.append(s)
+                elif s.uri in retry:  # unchanged, with failed rows: only those rows
+                    shards.append(replace(s, retry=retry[s.uri]))
         rid = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         plan = {
             "run_id": rid,
             "fingerprint": fp,
             "inputs": cfg.inputs,
-            "shards": [s.to_dict() for s in shards],
+            "shards": [s.plan_entry() for s in shards],
         }
         run = Run(rid, self.run_uri(rid), shards, False, plan)
         if write:
@@ -151,10 +170,13 @@ class OutputTable:
         for rid in sealed:
             errors = self._error_rows(rid, plans[rid], kinds)
             for d in plans[rid]["shards"]:
-                s = Shard.from_dict(d)
+                s = self.shard(d)
                 failed = errors.get(s.shard_id, [])
                 if s.format == "files":  # each file read whole; a shard-level error stands for those after it
-                    uris = list(s.fingerprints)
+                    first, last = key_range(s)
+                    if not failed and not any(first <= u <= last for u in files):
+                        continue  # nothing to add or replace: its listing is not read
+                    uris = list(load_listing(s).fingerprints)
                     files.difference_update(uris)
                     for i, kind in failed:
                         files.update(uris[i:] if kind in SHARD_KINDS else uris[i : i + 1])
@@ -219,7 +241,7 @@ class OutputTable:
         groups: dict[str, list[tuple[str, Shard]]] = {}
         for rid in self.sealed_runs():
             for d in self.plan_of(rid)["shards"]:
-                groups.setdefault(d["uri"], []).append((rid, Shard.from_dict(d)))
+                groups.setdefault(d["uri"], []).append((rid, self.shard(d)))
         for reread in groups.values():
             parts = []
             for rid, s in reread:

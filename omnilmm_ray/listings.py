@@ -1,0 +1,126 @@
+"""Loose-file shards in compact plans, and the loose files sealed runs already covered.
+
+A plan stores a loose-file shard as its folder, first and last key, count and the URI of its *listing*:
+`OUTPUT/_files/<digest>.parquet` (key, fingerprint, sidecars per file), named by its content. Read tasks
+start before the plan is written (job.py), so the listing is written while planning; being named by its
+content, a job that stopped before writing its plan leaves only files its rerun writes again.
+
+Planning a nightly run compares each listed shard with the sealed runs' shards whose key range overlaps
+it, reading their listings (a few, cached) instead of holding every fingerprint of the history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from bisect import bisect_right
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+from itertools import accumulate
+
+from omnilmm_ray.sources import Shard, listing_bytes, load_listing, without_done
+from omnilmm_ray.storage import join, resolve, write_bytes_atomic
+
+CACHED_LISTINGS = 64  # listings of sealed shards kept while planning (~1,000 files each)
+UPLOADS_IN_FLIGHT = 16
+
+
+def file_uri(shard: Shard, key: str) -> str:
+    return f"{shard.uri.rstrip('/')}/{key}"
+
+
+def key_range(shard: Shard) -> tuple[str, str]:
+    """First and last file URI of a loose-file shard (of a plan made before compact shards: its members)."""
+    if shard.first:
+        return file_uri(shard, shard.first), file_uri(shard, shard.last)
+    return min(shard.fingerprints), max(shard.fingerprints)
+
+
+class ListingWriter:
+    """Turns listed loose-file shards into compact ones, writing their listings under `OUTPUT/_files/`
+    (`write=False`: a dry run, which writes nothing), a bounded number of uploads at a time."""
+
+    def __init__(self, output_uri: str, storage_options: dict | None, write: bool = True):
+        self.base, self.opts, self.write = join(output_uri, "_files"), storage_options or {}, write
+        self.fs, self.path = resolve(self.base, self.opts)
+        self.pool = ThreadPoolExecutor(UPLOADS_IN_FLIGHT) if write else None
+        self.pending: list[Future] = []
+
+    def compact(self, shard: Shard) -> Shard:
+        data = listing_bytes(shard)
+        name = f"{hashlib.sha256(data).hexdigest()[:32]}.parquet"
+        if self.pool is not None:
+            self.pending.append(self.pool.submit(write_bytes_atomic, self.fs, join(self.path, name), data))
+            if len(self.pending) >= UPLOADS_IN_FLIGHT:
+                self.pending.pop(0).result()
+        # the shard id stays: it names the shard's output file, and resumed runs find parts by it
+        return replace(
+            shard,
+            members=(),
+            fingerprints={},
+            sidecars=None,
+            listing=join(self.base, name),
+            listing_options=self.opts,
+        )
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for f in self.pending:
+                f.result()
+            self.pool.shutdown()
+
+    def __enter__(self) -> ListingWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class CoveredFiles:
+    """The fingerprint each loose file had in the newest sealed run that read it, looked up per listed shard.
+
+    Holds one entry per sealed loose-file shard (its key range and listing), and a few listings at a time.
+    """
+
+    def __init__(self, sealed: list[list[Shard]]):
+        """`sealed`: the loose-file shards of each sealed run, oldest run first."""
+        entries = sorted(
+            (*key_range(s), order, s) for order, shards in enumerate(sealed) for s in shards if s.files
+        )
+        self.firsts = [e[0] for e in entries]
+        self.lasts = [e[1] for e in entries]
+        self.reach = list(accumulate(self.lasts, max))  # the furthest any entry up to here reaches
+        self.entries = [(e[2], e[3]) for e in entries]
+        self.cache: OrderedDict[str, dict[str, str]] = OrderedDict()
+
+    def _fingerprints(self, s: Shard) -> dict[str, str]:
+        if not s.listing:
+            return s.fingerprints
+        if s.listing not in self.cache:
+            self.cache[s.listing] = load_listing(s).fingerprints
+            if len(self.cache) > CACHED_LISTINGS:
+                self.cache.popitem(last=False)
+        self.cache.move_to_end(s.listing)
+        return self.cache[s.listing]
+
+    def overlapping(self, first: str, last: str) -> list[tuple[int, Shard]]:
+        """(run order, shard) of sealed shards whose key range meets [first, last], oldest run first."""
+        out = []
+        i = bisect_right(self.firsts, last) - 1
+        while i >= 0 and self.reach[i] >= first:
+            if self.lasts[i] >= first:
+                out.append(self.entries[i])
+            i -= 1
+        return sorted(out, key=lambda e: e[0])
+
+    def new_part(self, shard: Shard, redo: set[str]) -> Shard | None:
+        """The listed `shard` (with members) less the files sealed runs read with this fingerprint, except
+        those in `redo` (their row failed: read again); None when nothing is left."""
+        newest: dict[str, str] = {}
+        for _, s in self.overlapping(*key_range(shard)):
+            fps = self._fingerprints(s)
+            newest.update((u, fps[u]) for u in shard.fingerprints if u in fps)
+        for u in redo & newest.keys():
+            del newest[u]
+        left = without_done([shard], newest)
+        return left[0] if left else None
