@@ -71,14 +71,16 @@ class Shard:
     listing_options: dict | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
+        """Everything but `listing_options` (credentials never travel in a plan or in pipeline items: read
+        tasks take them from the job's config, stages.read_shards)."""
         d = {**asdict(self), "members": list(self.members)}
+        del d["listing_options"]
         d["sidecars"] = list(self.sidecars) if self.sidecars is not None else None
         return {**d, "retry": self.retry.to_dict() if self.retry else None}
 
     def plan_entry(self) -> dict:
         """to_dict without what a plan must not store (credentials) or need not (a compact shard's members)."""
         d = self.to_dict()
-        del d["listing_options"]
         drop = ("count", "first", "last", "listing") if self.format != "files" else ()
         drop += ("members", "fingerprints", "sidecars") if self.listing else ()
         return {k: v for k, v in d.items() if k not in drop}

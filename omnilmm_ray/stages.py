@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pyarrow as pa
 from PIL import Image
@@ -42,7 +43,10 @@ def read_shards(batch: pa.Table, cfg: JobConfig, gate_key: str | None = None) ->
     if gate_key:
         gate.wait_open(gate_key, cfg.engine.start_timeout_s)
     for d, skip in zip(batch.column("shard").to_pylist(), batch.column("skip").to_pylist()):
-        yield from read_shard(Shard.from_dict(json.loads(d)), cfg.input, set(json.loads(skip)))
+        shard = Shard.from_dict(json.loads(d))
+        if shard.listing:  # a compact shard's file list lives in the output (sources.load_listing)
+            shard = replace(shard, listing_options=cfg.sink.storage_options)
+        yield from read_shard(shard, cfg.input, set(json.loads(skip)))
 
 
 def preprocess_stage(
