@@ -325,8 +325,8 @@ class OutputConfig(_Strict):
     commit_rows: int = Field(
         1024,
         gt=0,
-        description="Rows of a shard written as one part file: after a crash at most this many rows per shard "
-        "in flight are captioned again.",
+        description="Rows of a shard written as one part file. A crash redoes, per shard, the rows not yet in a "
+        "part file: up to this many that reached the driver, plus those still in the pipeline.",
     )
     lock_ttl_s: float = Field(
         120.0, gt=0, description="A run's lease on the output expires this long after its last heartbeat."
