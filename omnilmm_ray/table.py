@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -47,7 +48,9 @@ class Run:
 
 class OutputTable:
     def __init__(self, uri: str, storage_options: dict | None = None):
-        self.uri = uri.rstrip("/")
+        # A relative local path is made absolute: Ray workers do not run in the driver's directory, and they
+        # read files under the output (a compact shard's listing, the crash drill's marker).
+        self.uri = (uri if "://" in uri else os.path.abspath(uri)).rstrip("/")
         self.opts = storage_options or {}
         self.fs, self.path = resolve(self.uri, self.opts)
 
