@@ -6,6 +6,7 @@ The only module that imports `ray.data`. Output rows stream back to the driver, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 
@@ -82,7 +83,9 @@ def build_dataset(
     # Keep an engine actor until the inputs run out: Ray Data's autoscaler would release one whose
     # utilisation dips (seen right after start, while the first blocks are still being read), and starting
     # an engine again costs ~15 s of a GPU. Scaling up, and down once everything is read, are unchanged.
-    ds.context.actor_pool_util_downscaling_threshold = -1.0
+    ds.context.autoscaling_config = dataclasses.replace(
+        ds.context.autoscaling_config, actor_pool_util_downscaling_threshold=-1.0
+    )
     bytes_per_pixel = 12 if vision is not None else 3
     ds.context.target_max_block_size = max(
         1 << 20, cfg.scale.batch_size * cfg.preprocess.max_side**2 * bytes_per_pixel // 2
