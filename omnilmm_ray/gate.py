@@ -2,10 +2,13 @@
 
 Resolving the backend needs lmdeploy imported on a GPU worker, which is what an engine actor's start does
 anyway. So instead of a separate GPU task before the pipeline (one more process paying lmdeploy's import
-and CUDA set-up, ~17 s on an H200 host), the pipeline starts at once: the engine actors start while the read
-tasks wait here, and the first actor to resolve the backend opens the gate (or shuts it with the reason).
-A model that no engine serves therefore still fails the job before any shard is read, and the plan is
-written only after the gate opened (job.py), so such a job leaves no run behind.
+and CUDA set-up, ~17 s on an H200 host), the pipeline starts at once and the first actor to resolve the
+backend opens the gate (or shuts it with the reason). Ray Data already starts the actors before it launches
+reads (pipeline.py sets `wait_for_min_actors_s`); the read tasks still wait here, so no shard is read before
+the answer whatever Ray Data schedules first, and the CPU stages learn from it whether the backend takes
+patches (`TAKES_PATCHES`). A model that no engine serves therefore fails the job before any shard is read
+with the actor's reason, and the plan is written only after the gate opened (job.py), so such a job leaves
+no run behind.
 
 The answer lives in Ray's GCS key-value store (beside the flight records) under a key made for one
 pipeline (`new_key`), so a second pipeline in the same driver (the Python API) never sees an earlier answer;

@@ -95,15 +95,6 @@ def caption_flags(
     return out
 
 
-def flag_counts(flag_lists: list[list[str] | None]) -> dict[str, int]:
-    """Rows per flag (a row counts once per flag), most frequent first."""
-    counts: dict[str, int] = {}
-    for flags in flag_lists:
-        for f in set(flags or ()):
-            counts[f] = counts.get(f, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
 def base_flag(flag: str) -> str:
     """'alt:too_short' (multi-prompt mode) -> 'too_short'."""
     return flag.rpartition(":")[2]

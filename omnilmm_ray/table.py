@@ -22,7 +22,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from omnilmm_ray import schema
@@ -209,15 +208,6 @@ class OutputTable:
 
     def committed_files(self) -> list[str]:
         return [f for files in self._sealed_files().values() for f in files]
-
-    def read_committed(self, columns: list[str] | None = None) -> pa.Table:
-        """All rows of sealed runs, with a `run` column."""
-        parts = []
-        for rid, files in self._sealed_files().items():
-            if files:
-                t = pads.dataset(files, filesystem=self.fs, format="parquet").to_table(columns=columns)
-                parts.append(t.append_column("run", pa.array([rid] * len(t), pa.string())))
-        return pa.concat_tables(parts) if parts else pa.table({})
 
     def output_schema(self) -> pa.Schema:
         """This output's columns (with the per-prompt ones of a multi-prompt output): an output holds one

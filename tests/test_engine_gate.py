@@ -43,7 +43,7 @@ def test_a_model_no_engine_serves_fails_before_any_shard_is_read(ray_local, s3, 
 
 
 def test_no_engine_actor_starting_in_time_is_a_config_error(ray_local, tmp_path):
-    """A real engine on a cluster without GPUs: the actors never start, the reads time out at the gate."""
+    """A real engine on a cluster without GPUs: the actors never start, the pool's start times out."""
     build_samples(tmp_path / "in", shards=1, per_shard=2)
     cfg = JobConfig(
         inputs=[str(tmp_path / "in" / "webdataset")],

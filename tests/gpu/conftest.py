@@ -4,6 +4,8 @@ Run with `pytest -m gpu tests/gpu` on a CUDA machine with the `gpu` extra instal
 """
 
 import importlib.util
+import os
+from pathlib import Path
 
 import pytest
 
@@ -31,3 +33,18 @@ def tiny_model(tmp_path_factory):
 
     # the folder name lets lmdeploy match its built-in qwen2-vl chat template
     return str(build(tmp_path_factory.mktemp("models") / "tiny-Qwen2-VL"))
+
+
+@pytest.fixture(scope="module")
+def ray_gpu():
+    """Local Ray for a module's job tests; its workers import the project from this checkout."""
+    import ray
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]
+    )
+    if ray.is_initialized():  # an earlier test ran the CLI, which starts Ray itself
+        ray.shutdown()
+    ray.init(num_cpus=8, include_dashboard=False)
+    yield
+    ray.shutdown()

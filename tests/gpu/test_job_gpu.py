@@ -1,8 +1,6 @@
 """The whole job on local Ray with the real engine in a GPU actor pool."""
 
 import json
-import os
-from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
@@ -12,20 +10,6 @@ from omnilmm_ray import cli
 from omnilmm_ray.samples import build_samples, draw, encode, write_tar
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def ray_gpu():
-    import ray
-
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]
-    )
-    if ray.is_initialized():  # an earlier test ran the CLI, which starts Ray itself
-        ray.shutdown()
-    ray.init(num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -37,23 +37,6 @@ def test_engine_takes_one_prompt_per_image_and_retry_settings(tiny_model):
         engine.pipe.close()
 
 
-@pytest.fixture(scope="module")
-def ray_gpu():
-    import os
-    from pathlib import Path
-
-    import ray
-
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]
-    )
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def test_job_two_named_prompts_turbomind(ray_gpu, tiny_model, tmp_path):
     build_samples(tmp_path / "in", shards=2, per_shard=16)
     cfg = tmp_path / "job.yaml"
