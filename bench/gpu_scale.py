@@ -24,6 +24,7 @@ import argparse
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -68,8 +69,15 @@ def iter_images(shards: Path):
                 yield Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")
 
 
+def _cpu_times() -> tuple[int, int]:
+    """(idle + iowait, total) jiffies of all cores since boot."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return f[3] + f[4], sum(f)
+
+
 class GpuSampler:
-    """nvidia-smi's utilisation.gpu every 200 ms: the share of samples in which a kernel was running."""
+    """nvidia-smi's utilisation.gpu every 200 ms: the share of samples in which a kernel was running; and
+    the host's CPU busy share over the same time (/proc/stat), to see whether the CPU side is the limit."""
 
     def __init__(self):
         self.samples: list[list[int]] = []
@@ -87,12 +95,15 @@ class GpuSampler:
                 self.samples.append([int(x) for x in r.stdout.split()])
 
     def __enter__(self):
+        self._cpu0 = _cpu_times()
         self._t.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
+        idle, total = (b - a for a, b in zip(self._cpu0, _cpu_times()))
+        self.cpu_busy_pct = round(100 * (1 - idle / max(total, 1)), 1)
 
     def mean(self) -> list[float]:
         if not self.samples:
@@ -180,6 +191,50 @@ def _commit_times(out: Path) -> list[tuple[float, int]]:
     )
 
 
+_STAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})")
+_READY = re.compile(r"engine actor ready in ([\d.]+)s \(backend \w+ resolved after ([\d.]+)s\)")
+_FIRST = re.compile(
+    r"first batch \((\d+) images\) arrived ([\d.]+)s after the actor was ready, done ([\d.]+)s"
+)
+
+
+def timeline(log: str, t0: float) -> dict:
+    """Seconds after the job's process started at which the start-up steps happened, from the log's stamps
+    (the driver's and the first engine actor's lines; one host, one clock)."""
+
+    def at(line: str) -> float | None:
+        m = _STAMP.search(line)
+        if not m:
+            return None
+        return time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000 - t0
+
+    steps: dict[str, float] = {}
+    for ln in log.splitlines():
+        t = at(ln)
+        if t is None:
+            continue
+        if "omnilmm_ray.job: run " in ln:
+            steps.setdefault("planned", t)
+        elif "Starting execution of Dataset" in ln:
+            steps.setdefault("pipeline_started", t)
+        elif (m := _READY.search(ln)) and "actor_ready" not in steps:
+            ready_in, resolved = float(m.group(1)), float(m.group(2))
+            steps.update(actor_started=t - ready_in, gate_opened=t - ready_in + resolved, actor_ready=t)
+        elif (m := _FIRST.search(ln)) and "first_batch_done" not in steps:
+            steps["first_batch_in"] = steps.get("actor_ready", t) + float(m.group(2))
+            steps["first_batch_done"] = steps["first_batch_in"] + float(m.group(3))
+        elif "committed shard" in ln or "committed part" in ln:
+            steps.setdefault("first_commit_logged", t)
+    return {k: round(v, 2) for k, v in sorted(steps.items(), key=lambda kv: kv[1])}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def job(
     model: str,
     shards: Path,
@@ -189,6 +244,7 @@ def job(
     min_actors: int,
     batch: int,
     ray_address: str = "local",
+    extra: dict | None = None,
 ) -> dict:
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
@@ -199,6 +255,7 @@ def job(
         "scale": {"batch_size": batch, "min_actors": min_actors, "max_actors": gpus},
         "preprocess": {"max_side": 640},  # = the image size: the engine sees the same pixels as the ceiling
     }
+    cfg = _merge(cfg, extra or {})
     cfg_path = out.with_suffix(".yaml")
     cfg_path.write_text(json.dumps(cfg))
     env = {
@@ -231,8 +288,11 @@ def job(
         "first_commit_s": commits[0][0] - t0,
         "wall_s": t1 - t0,
         "gpu_util": gpu.mean(),
+        "cpu_busy_pct": gpu.cpu_busy_pct,
         "actor_timings_last": actor_lines[-2:],
         "actor_start": started,
+        "timeline_s": timeline(r.stderr, t0),
+        "config": cfg,
         "error_rows": rows.num_rows - rows.column("error").null_count,
         "output_tokens": pc.sum(rows.column("output_tokens")).as_py(),
     }
@@ -241,9 +301,12 @@ def job(
 def run_jobs(args, model: str, shards: Path) -> dict:
     work = Path(args.work)
     res = {}
+    extra = json.loads(args.job_config) if args.job_config else None
     for name, gpus, min_actors in (("job_1gpu", 1, 1), ("job_2gpu", 2, 2), ("job_autoscale_1to2", 2, 1)):
+        if args.jobs and name not in args.jobs:
+            continue
         out = work / f"out-{name}-{time.time_ns()}"
-        res[name] = job(model, shards, out, args.tokens, gpus, min_actors, args.batch)
+        res[name] = job(model, shards, out, args.tokens, gpus, min_actors, args.batch, extra=extra)
     return res
 
 
@@ -260,9 +323,14 @@ def run_startup(args, model: str, shards: Path) -> dict:
     subprocess.run(
         [*ray_cli, "start", "--head", "--num-gpus", "1", "--disable-usage-stats"], env=env, check=True
     )
+    extra = json.loads(args.job_config) if args.job_config else None
     try:
-        out = work / f"out-startup-{time.time_ns()}"
-        return {"job_1gpu_warm_ray": job(model, few, out, args.tokens, 1, 1, args.batch, ray_address="auto")}
+        res = {}
+        for i in range(args.repeat):
+            out = work / f"out-startup-{time.time_ns()}"
+            name = "job_1gpu_warm_ray" + (f"_{i + 1}" if i else "")
+            res[name] = job(model, few, out, args.tokens, 1, 1, args.batch, ray_address="auto", extra=extra)
+        return res
     finally:
         subprocess.run([*ray_cli, "stop", "--force"], env=env)
 
@@ -342,6 +410,11 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/omnilmm-bench")
     ap.add_argument("--part", choices=["ceilings", "jobs", "startup"])
     ap.add_argument("--out")
+    ap.add_argument(
+        "--jobs", nargs="+", help="--part jobs: only these (job_1gpu job_2gpu job_autoscale_1to2)"
+    )
+    ap.add_argument("--job-config", help="JSON merged into every job's config, e.g. '{\"scale\": {...}}'")
+    ap.add_argument("--repeat", type=int, default=1, help="--part startup: how many warm-Ray jobs")
     ap.add_argument("--report", nargs="+")
     ap.add_argument("--side", choices=["ceiling"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)

@@ -3,10 +3,11 @@
 Resolving the backend needs lmdeploy imported on a GPU worker, which is what an engine actor's start does
 anyway. So instead of a separate GPU task before the pipeline (one more process paying lmdeploy's import
 and CUDA set-up, ~17 s on an H200 host), the pipeline starts at once and the first actor to resolve the
-backend opens the gate (or shuts it with the reason). Ray Data already starts the actors before it launches
-reads (pipeline.py sets `wait_for_min_actors_s`); the read tasks still wait here, so no shard is read before
-the answer whatever Ray Data schedules first, and the CPU stages learn from it whether the backend takes
-patches (`TAKES_PATCHES`). A model that no engine serves therefore fails the job before any shard is read
+backend opens the gate (or shuts it with the reason). Ray Data launches the read tasks beside the actors'
+start; they wait here, so no shard is read before the answer, and then read and decode while the engine
+builds (the backend is known ~2.5 s before a TurboMind engine is). The CPU stages learn from the answer
+whether the backend takes patches (`TAKES_PATCHES`). A read task that waits longer than
+`engine.start_timeout_s` fails the job with `EngineNotStarted` (no actor could be placed, or none started). A model that no engine serves therefore fails the job before any shard is read
 with the actor's reason, and the plan is written only after the gate opened (job.py), so such a job leaves
 no run behind.
 

@@ -128,8 +128,8 @@ def _engine_refused(cfg: JobConfig, key: str, e: BaseException | None) -> str | 
         return state["error"]
     while e is not None and state is None:  # Ray Data wraps a task's exception in its own
         text = f"{type(e).__name__}: {e}"
-        # the actor pool's start timing out (DataContext.wait_for_min_actors_s), or a read task's gate
-        if "Timed out while starting actors" in text or EngineNotStarted.__name__ in text:
+        # a read task that waited at the gate for longer than engine.start_timeout_s
+        if EngineNotStarted.__name__ in text:
             return str(EngineNotStarted(cfg.engine.start_timeout_s))
         e = e.__cause__ or e.__context__
     return None

@@ -77,9 +77,10 @@ def build_dataset(
     # engine batch of pixels make each engine task about one batch, and captions stream back per batch.
     # `ds.context` is this dataset's own copy of the DataContext, not the process-wide one.
     # Patches from the model's processor (vision.py) are bfloat16 with the frame repeated: 12 bytes per pixel.
-    # Start the engine actors before anything is read: the first to resolve the model's backend opens the
-    # gate the read tasks wait at (gate.py), and an actor that cannot be placed in time fails the job here.
-    ds.context.wait_for_min_actors_s = cfg.engine.start_timeout_s
+    # Reads are launched at once, beside the engine actors' start (Ray Data's default: no
+    # `wait_for_min_actors_s`), and wait at the gate (gate.py) until the first actor has resolved the model's
+    # backend: shards are then read and decoded while TurboMind builds, and the first batch is ready when the
+    # engine is. The gate's wait is also what turns an actor that cannot be placed in time into a clear error.
     # Keep an engine actor until the inputs run out: Ray Data's autoscaler would release one whose
     # utilisation dips (seen right after start, while the first blocks are still being read), and starting
     # an engine again costs ~15 s of a GPU. Scaling up, and down once everything is read, are unchanged.

@@ -66,6 +66,7 @@ class StageTimer:
         self.totals: dict[str, float] = {"wait": 0.0, "convert": 0.0, "engine": 0.0, "return": 0.0}
         self.images = self.batches = 0
         self.t0 = self.last_log = time.perf_counter()
+        self.first_in: float | None = None  # when the first batch reached a call thread (start-up timeline)
         self._local = threading.local()
         self._lock = threading.Lock()
 
@@ -74,6 +75,8 @@ class StageTimer:
         prev, since = getattr(self._local, "phase", ("wait", self.t0))
         with self._lock:
             self.totals[prev] += now - since
+            if self.first_in is None and phase == "convert":
+                self.first_in = now
         self._local.phase = (phase, now)
 
     def stop(self, images: int) -> None:
@@ -82,6 +85,13 @@ class StageTimer:
             self.images += images
             self.batches += 1
             now = self._local.phase[1]
+            if self.batches == 1:
+                log.info(
+                    "engine actor: first batch (%d images) arrived %.1fs after the actor was ready, done %.1fs later",
+                    images,
+                    self.first_in - self.t0,
+                    now - self.first_in,
+                )
             if now - self.last_log < self.every_s:
                 return
             self.last_log = now

@@ -26,7 +26,6 @@ def resolve_backend(cfg: EngineConfig) -> str:
     downloaded to this node's cache first, so the engine actor that starts here next finds it there.
     """
     from lmdeploy.archs import check_vl_llm, get_model_arch
-    from lmdeploy.pytorch.models.module_map import MODULE_MAP
     from lmdeploy.turbomind.supported_models import SUPPORTED_ARCHS, is_supported
 
     path = local_model(cfg.model, cfg.cache_dir)
@@ -49,11 +48,15 @@ def resolve_backend(cfg: EngineConfig) -> str:
             f"{', '.join(sorted(SUPPORTED_ARCHS))}); use --engine pytorch or auto"
         )
     backend = cfg.backend if cfg.backend != "auto" else ("turbomind" if turbomind_ok else "pytorch")
-    if backend == "pytorch" and arch not in MODULE_MAP:
-        raise ValueError(
-            f"engine.model: lmdeploy's PyTorch engine has no implementation of {arch} "
-            f"({cfg.model!r}); pick a supported model"
-        )
+    if backend == "pytorch":
+        # Imported only here: it pulls in the PyTorch engine's modules, which a TurboMind job's gate would wait for.
+        from lmdeploy.pytorch.models.module_map import MODULE_MAP
+
+        if arch not in MODULE_MAP:
+            raise ValueError(
+                f"engine.model: lmdeploy's PyTorch engine has no implementation of {arch} "
+                f"({cfg.model!r}); pick a supported model"
+            )
     if cfg.backend == "auto" and backend == "pytorch":
         log.warning(
             "engine: TurboMind does not support %s (%s); routing to lmdeploy's PyTorch engine",
