@@ -215,6 +215,8 @@ def timeline(log: str, t0: float) -> dict:
             continue
         if "omnilmm_ray.job: run " in ln:
             steps.setdefault("planned", t)
+        elif "lmdeploy imported in" in ln:
+            steps.setdefault("lmdeploy_imported", t)
         elif "Starting execution of Dataset" in ln:
             steps.setdefault("pipeline_started", t)
         elif (m := _READY.search(ln)) and "actor_ready" not in steps:
@@ -382,15 +384,26 @@ def report(paths: list[str]) -> str:
             f"{j['end_to_end_images_per_s']:.1f} | {j['end_to_end_images_per_s'] / (gpus * ceil):.2f}x of "
             f"{gpus} x ceiling | |"
         )
-    if "job_1gpu_warm_ray" in r:
-        w = r["job_1gpu_warm_ray"]
+    warm = sorted(k for k in r if k.startswith("job_1gpu_warm_ray"))
+    if warm:
         lines += [
             "",
-            f"Start-up on a warm local Ray (`ray start --head`, then the job; {w['images']} images): first "
-            f"commit {w['first_commit_s']:.1f} s after the job's process started, end to end {w['wall_s']:.1f} s.",
+            f"Start-up on a warm local Ray (`ray start --head`, then the job; {r[warm[0]]['images']} images), "
+            "seconds after the job's process started:",
+            "",
+            "| run | first commit | end to end | timeline (s) |",
+            "| --- | --- | --- | --- |",
         ]
+        for k in warm:
+            w = r[k]
+            steps = ", ".join(f"{step} {t}" for step, t in w.get("timeline_s", {}).items())
+            lines.append(f"| {k} | {w['first_commit_s']:.1f} | {w['wall_s']:.1f} | {steps} |")
+    lines += ["", "Host CPU busy share over each job (/proc/stat):", ""]
+    for name in ("job_1gpu", "job_2gpu", "job_autoscale_1to2"):
+        if "cpu_busy_pct" in r[name]:
+            lines.append(f"- {name}: {r[name]['cpu_busy_pct']} %")
     lines += ["", "Engine actor start (log lines of each job):", ""]
-    for name in ("job_1gpu", "job_2gpu", "job_autoscale_1to2", "job_1gpu_warm_ray"):
+    for name in ("job_1gpu", "job_2gpu", "job_autoscale_1to2", *warm):
         for ln in r.get(name, {}).get("actor_start", []):
             lines.append(f"- {name}: engine actor ready{ln}")
     lines += ["", "Engine actor timings (last log lines of each job):", ""]

@@ -167,6 +167,12 @@ class CaptionStage:
         """`run_uri`: where the fake engine's crash drill leaves its marker ("" outside a job);
         `gate_key`: the gate (gate.py) this actor opens once it resolved the model's backend."""
         t0 = time.monotonic()
+        pkg = logging.getLogger("omnilmm_ray")
+        if not pkg.handlers:  # Ray workers leave the root logger at WARNING: show this actor's INFO lines
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            pkg.addHandler(handler)
+            pkg.setLevel(logging.INFO)
         try:
             backend = resolve_backend(cfg.engine)
         except ValueError as e:
@@ -194,12 +200,6 @@ class CaptionStage:
         self._active, self._alone = 0, False
         self.timer = StageTimer()
         self.metrics = EngineMetrics(cfg.report.metrics)
-        pkg = logging.getLogger("omnilmm_ray")
-        if not pkg.handlers:  # Ray workers leave the root logger at WARNING: show this actor's INFO lines
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-            pkg.addHandler(handler)
-            pkg.setLevel(logging.INFO)
         log.info(
             "engine actor ready in %.1fs (backend %s resolved after %.1fs)",
             time.monotonic() - t0,
