@@ -16,6 +16,7 @@ nightly plan after one file was added: driver peak RSS, time and plan bytes per 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -192,8 +193,9 @@ def measure(out: Path, new_dir: Path, work: Path, baseline: Path | None) -> dict
     return res
 
 
-def s3_verify(shards: int, work: Path) -> dict:
-    """verify_run over `shards` small committed shard files on a local S3 server (moto's)."""
+@contextlib.contextmanager
+def local_s3():
+    """A local S3 API server (moto's, its own process) that this process's s3:// clients talk to."""
     import socket
 
     with socket.socket() as sock:
@@ -208,6 +210,14 @@ def s3_verify(shards: int, work: Path) -> dict:
     os.environ.update({**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
     try:
         time.sleep(3)
+        yield
+    finally:
+        server.terminate()
+
+
+def s3_verify(shards: int, work: Path) -> dict:
+    """verify_run over `shards` small committed shard files on a local S3 server (moto's)."""
+    with local_s3():
         from omnilmm_ray.storage import resolve
 
         fs, _ = resolve("s3://verify")
@@ -231,8 +241,6 @@ def s3_verify(shards: int, work: Path) -> dict:
                 "c = verify_run('s3://verify/run=1', shards); extra = {'rows': c.rows}",
             ),
         }
-    finally:
-        server.terminate()
 
 
 def _pending(s: Shard, rng):
