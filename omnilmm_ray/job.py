@@ -97,7 +97,10 @@ def preflight(cfg: JobConfig) -> str:
     """Resolve the backend in a GPU task, for a new run with nothing to caption: no engine actor starts
     to do it (gate.py), yet a run must not be sealed with settings no engine serves."""
     if cfg.engine.backend == "fake":
-        return resolve_backend(cfg.engine)
+        try:
+            return resolve_backend(cfg.engine)
+        except ValueError as e:  # the fake's refusal drill: the same exit 2 as a real engine's refusal
+            raise ConfigError(str(e)) from None
     import ray
 
     from omnilmm_ray.pipeline import engine_resources

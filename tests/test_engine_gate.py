@@ -72,3 +72,18 @@ def test_the_engine_actor_opens_or_shuts_its_gate(tmp_path):
     assert gate.wait_open(key, 0) == "fake", "each pipeline has its own gate"
     gate.clear(key2)
     assert gate.peek(key2) is None
+
+
+def test_a_refused_model_on_a_run_with_nothing_to_caption_is_a_config_error(ray_local, tmp_path):
+    """A nightly run that finds nothing new starts no engine actor; the backend is still resolved before its
+    plan is written, and a refusal is the same config error (exit 2) as when there is work."""
+    build_samples(tmp_path / "in", shards=1, per_shard=2)
+    cfg = JobConfig(
+        inputs=[str(tmp_path / "in" / "webdataset")], output=str(tmp_path / "out"), engine={"backend": "fake"}
+    )
+    assert run_job(cfg)["rows"] == 2
+    runs = sorted((tmp_path / "out").glob("run=*"))
+    refused = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"fake_refuse": "not served"})})
+    with pytest.raises(ConfigError, match="engine.model: .*not served"):
+        run_job(refused)
+    assert sorted((tmp_path / "out").glob("run=*")) == runs, "a refused model leaves no run behind"
