@@ -243,6 +243,57 @@ def s3_verify(shards: int, work: Path) -> dict:
         }
 
 
+def s3_overlap(nights: int, files: int, latencies_s: list[float]) -> list[dict]:
+    """Nightly planning of one listed loose-file shard that overlaps `nights` sealed listings (a flat folder
+    that grew every night) on a local S3 server behind a proxy that adds a fixed latency per request (a remote
+    object store's round trip; moto itself answers in a few ms): the listings read one at a time vs. as the
+    planner reads them (`listings.LISTINGS_IN_FLIGHT` at once), same code, side by side."""
+    from dataclasses import replace
+
+    from omnilmm_ray import listings
+    from tests.faulty_proxy import FaultyProxy
+
+    def shard(sid, members):
+        fps = {f"s3://flat/{k}": f"etag-{k}" for k in members}
+        return Shard(
+            sid,
+            "files",
+            "s3://flat",
+            tuple(members),
+            fps,
+            sidecars=("",) * len(members),
+            count=len(members),
+            first=members[0],
+            last=members[-1],
+        )
+
+    keys = [f"{i:07d}.jpg" for i in range(files)]
+    out = []
+    with local_s3():
+        from omnilmm_ray.storage import resolve
+
+        resolve("s3://plans")[0].mkdir("plans")
+        with listings.ListingWriter("s3://plans/out", None) as w:  # night n read every nights-th file from n
+            sealed = [w.compact(shard(f"n{n}", keys[n::nights])) for n in range(nights)]
+        for latency in latencies_s:
+            with FaultyProxy(os.environ["AWS_ENDPOINT_URL"], delay_s=latency) as proxy:
+                via = [[replace(s, listing_options={"endpoint_url": proxy.url})] for s in sealed]
+                res = {"nights": nights, "files": files, "added_latency_s": latency}
+                for name, in_flight in (("one_at_a_time", 1), ("in_flight", listings.LISTINGS_IN_FLIGHT)):
+                    listings.LISTINGS_IN_FLIGHT, keep = in_flight, listings.LISTINGS_IN_FLIGHT
+                    try:
+                        t0 = time.perf_counter()
+                        part = listings.CoveredFiles(via).new_part(shard("today", keys), redo=set())
+                        res[f"{name}_s"] = round(time.perf_counter() - t0, 3)
+                    finally:
+                        listings.LISTINGS_IN_FLIGHT = keep
+                    assert part is None, "every file was read by one night"
+                res["speedup"] = round(res["one_at_a_time_s"] / res["in_flight_s"], 1)
+                res["requests"] = len(proxy.requests)
+                out.append(res)
+    return out
+
+
 def _pending(s: Shard, rng):
     from omnilmm_ray.commit import _Pending
 
@@ -294,6 +345,9 @@ def main() -> None:
     ap.add_argument("--only-nightly", action="store_true", help="measure the nightly job(s) only")
     ap.add_argument("--s3-verify-shards", type=int, default=0, help="also: verify_run of N shards on moto")
     ap.add_argument("--loose-files", type=int, nargs="+", help="only: plan runs over N loose files")
+    ap.add_argument(
+        "--s3-overlap", type=int, help="only: plan a listed shard overlapping N sealed listings on moto"
+    )
     a = ap.parse_args()
     if a.loose_files:
         res = {"machine": f"{platform.node()} {os.cpu_count()} cores, Python {platform.python_version()}"}
@@ -303,6 +357,9 @@ def main() -> None:
                 res[n]["baseline_code"] = loose_files(n, a.work, a.baseline)
             print(json.dumps(res[n], indent=1), flush=True)
         print("RESULTS " + json.dumps(res))
+        return
+    if a.s3_overlap:
+        print("RESULTS " + json.dumps({"s3_overlap": s3_overlap(a.s3_overlap, 1000, [0.0, 0.03])}))
         return
     if a.s3_verify_shards:
         print("RESULTS " + json.dumps({"s3_verify": s3_verify(a.s3_verify_shards, a.work)}))

@@ -22,6 +22,7 @@ from omnilmm_ray.sources import Shard, listing_bytes, load_listing, without_done
 from omnilmm_ray.storage import join, resolve, write_bytes_atomic
 
 CACHED_LISTINGS = 64  # listings of sealed shards kept while planning (~1,000 files each)
+LISTINGS_IN_FLIGHT = 16  # sealed listings read at once for one listed shard (<= CACHED_LISTINGS)
 UPLOADS_IN_FLIGHT = 16
 
 
@@ -93,15 +94,23 @@ class CoveredFiles:
         self.entries = [(e[2], e[3]) for e in entries]
         self.cache: OrderedDict[str, dict[str, str]] = OrderedDict()
 
-    def _fingerprints(self, s: Shard) -> dict[str, str]:
-        if not s.listing:
-            return s.fingerprints
-        if s.listing not in self.cache:
-            self.cache[s.listing] = load_listing(s).fingerprints
+    def _fingerprints(self, shards: list[Shard]) -> list[dict[str, str]]:
+        """Each shard's file fingerprints; the listings not cached are read at once (one GET each), since a
+        listed shard can overlap a sealed shard of every nightly run that added files in its key range."""
+        for s in shards:  # touched first, so that loading the others cannot evict them (len(shards) <= cache)
+            if s.listing in self.cache:
+                self.cache.move_to_end(s.listing)
+        missing = list({s.listing: s for s in shards if s.listing and s.listing not in self.cache}.values())
+        if len(missing) > 1:
+            with ThreadPoolExecutor(len(missing)) as pool:
+                loaded = list(pool.map(load_listing, missing))
+        else:
+            loaded = [load_listing(s) for s in missing]
+        for s in loaded:
+            self.cache[s.listing] = s.fingerprints
             if len(self.cache) > CACHED_LISTINGS:
                 self.cache.popitem(last=False)
-        self.cache.move_to_end(s.listing)
-        return self.cache[s.listing]
+        return [self.cache[s.listing] if s.listing else s.fingerprints for s in shards]
 
     def overlapping(self, first: str, last: str) -> list[tuple[int, Shard]]:
         """(run order, shard) of sealed shards whose key range meets [first, last], oldest run first."""
@@ -117,9 +126,10 @@ class CoveredFiles:
         """The listed `shard` (with members) less the files sealed runs read with this fingerprint, except
         those in `redo` (their row failed: read again); None when nothing is left."""
         newest: dict[str, str] = {}
-        for _, s in self.overlapping(*key_range(shard)):
-            fps = self._fingerprints(s)
-            newest.update((u, fps[u]) for u in shard.fingerprints if u in fps)
+        sealed = [s for _, s in self.overlapping(*key_range(shard))]
+        for i in range(0, len(sealed), LISTINGS_IN_FLIGHT):  # oldest run first: the newest fingerprint wins
+            for fps in self._fingerprints(sealed[i : i + LISTINGS_IN_FLIGHT]):
+                newest.update((u, fps[u]) for u in shard.fingerprints if u in fps)
         for u in redo & newest.keys():
             del newest[u]
         left = without_done([shard], newest)

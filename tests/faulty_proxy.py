@@ -1,17 +1,27 @@
 """A fault-injecting HTTP proxy in front of the local S3 server: answers some requests with 503, cuts
-others off mid-way, and can refuse one key for good. Bounded: it only serves 127.0.0.1 and stops with
+others off mid-way, can refuse one key for good, and can add a fixed latency to every request (a remote
+object store's round trip, for benchmarks). Bounded: it only serves 127.0.0.1 and stops with
 the test."""
 
 from __future__ import annotations
 
 import http.client
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FaultyProxy:
-    def __init__(self, upstream: str, fail_every: int = 0, drop_every: int = 0, broken: str | None = None):
+    def __init__(
+        self,
+        upstream: str,
+        fail_every: int = 0,
+        drop_every: int = 0,
+        broken: str | None = None,
+        delay_s: float = 0.0,
+    ):
         self.upstream = upstream.removeprefix("http://")
+        self.delay_s = delay_s
         self.fail_every, self.drop_every, self.broken = fail_every, drop_every, broken
         self.count = 0
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in order
@@ -41,6 +51,8 @@ class FaultyProxy:
                     return self._reply(
                         503, b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
                     )
+                if proxy.delay_s:
+                    time.sleep(proxy.delay_s)
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
                 headers["Host"] = proxy.upstream

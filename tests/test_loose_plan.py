@@ -105,3 +105,83 @@ def test_nightly_over_s3_folder_captions_exactly_the_changed_and_added_file(ray_
     # night 3: nothing changed, nothing planned
     assert _job(tmp_path, args, **cfg) == 0
     assert table.plan_of(table.sealed_runs()[-1])["shards"] == []
+
+
+def test_nightly_plan_with_more_overlapping_sealed_listings_than_it_caches(tmp_path):
+    """A flat folder that grows every night: each sealed nightly shard spans the folder's key range, so a listed
+    shard overlaps one sealed listing per night. With more nights than listings cached (and than are read at
+    once), every file still gets the fingerprint of the newest run that read it."""
+    from omnilmm_ray.listings import CACHED_LISTINGS, LISTINGS_IN_FLIGHT, CoveredFiles, ListingWriter
+    from omnilmm_ray.sources import Shard
+
+    folder = "s3://bucket/flat"
+    nights = CACHED_LISTINGS + LISTINGS_IN_FLIGHT + 3
+    keys = [f"{i:05d}.jpg" for i in range(nights + 2)]
+
+    def shard(sid, members, night):
+        fps = {f"{folder}/{k}": f"etag-{k}-night{night}" for k in members}
+        return Shard(
+            sid,
+            "files",
+            folder,
+            tuple(members),
+            fps,
+            sidecars=("",) * len(members),
+            count=len(members),
+            first=members[0],
+            last=members[-1],
+        )
+
+    with ListingWriter(str(tmp_path / "out"), None) as writer:
+        # night n read the first and last key (so its range spans the folder) and the n-th key; key 0 is read
+        # again each night with a new fingerprint (the file changes every night)
+        sealed = [
+            [writer.compact(shard(f"n{n}", [keys[0], keys[n + 1], keys[-1]], n))] for n in range(nights)
+        ]
+    covered = CoveredFiles(sealed)
+    listed = shard("today", keys, nights - 1)  # today's listing: the files as the last night saw them
+    part = covered.new_part(listed, redo=set())
+    # key 0 and the last key were read by the last night with today's fingerprints; every middle key by
+    # exactly one night n, with night n's fingerprint, which today's listing (night nights-1) differs from
+    # except for the last night's own key
+    assert part is not None
+    assert set(part.members) == {keys[n + 1] for n in range(nights - 1)}
+    assert len(covered.cache) <= CACHED_LISTINGS
+    # the same shard again finds the same answer from a cache that now holds only the newest listings
+    assert set(covered.new_part(listed, redo=set()).members) == set(part.members)
+
+
+def test_reading_uncached_listings_never_evicts_the_ones_the_same_shard_needs(tmp_path):
+    """The cache is full of the listings one listed shard needed; the next needs many new ones and one of the
+    least recently used cached ones: reading the new ones must not push that one out."""
+    from omnilmm_ray.listings import CACHED_LISTINGS, CoveredFiles, ListingWriter
+    from omnilmm_ray.sources import Shard
+
+    folder = "s3://bucket/flat"
+
+    def shard(sid, members):
+        fps = {f"{folder}/{k}": f"etag-{k}" for k in members}
+        return Shard(
+            sid,
+            "files",
+            folder,
+            tuple(members),
+            fps,
+            sidecars=("",) * len(members),
+            count=len(members),
+            first=members[0],
+            last=members[-1],
+        )
+
+    late = [shard(f"m{n}", [f"m{n:04d}.jpg", f"z{n:04d}.jpg"]) for n in range(CACHED_LISTINGS - 1)]
+    wide = shard("wide", ["a0000.jpg", "z9999.jpg"])  # reaches both halves of the folder
+    early = [shard(f"a{n}", [f"a{n:04d}.jpg", f"b{n:04d}.jpg"]) for n in range(15)]
+    with ListingWriter(str(tmp_path / "out"), None) as writer:
+        sealed = [[writer.compact(s)] for s in (*early, wide, *late)]  # runs oldest first
+    covered = CoveredFiles(sealed)
+    covered.new_part(
+        shard("t1", ["m0000.jpg", "z0000.jpg"]), redo=set()
+    )  # fills the cache: `wide`, then `late`
+    assert sealed[len(early)][0].listing in covered.cache
+    part = covered.new_part(shard("t2", ["a0000.jpg", "a0001.jpg", "b0099.jpg"]), redo=set())
+    assert part is not None and part.members == ("b0099.jpg",)
