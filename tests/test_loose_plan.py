@@ -12,7 +12,7 @@ from omnilmm_ray import cli
 from omnilmm_ray.config import InputConfig, JobConfig
 from omnilmm_ray.readers import read_shard
 from omnilmm_ray.samples import draw, encode
-from omnilmm_ray.sources import iter_shards, load_listing, plan_shards
+from omnilmm_ray.sources import Shard, iter_shards, load_listing, plan_shards
 from omnilmm_ray.storage import write_bytes_atomic, write_json
 from omnilmm_ray.table import OutputTable
 
@@ -107,30 +107,34 @@ def test_nightly_over_s3_folder_captions_exactly_the_changed_and_added_file(ray_
     assert table.plan_of(table.sealed_runs()[-1])["shards"] == []
 
 
+def _loose(sid: str, folder: str, members: list[str], etag) -> Shard:
+    """A listed loose-file shard of `members` (sorted keys) with fingerprints `etag(key)`."""
+    fps = {f"{folder}/{k}": etag(k) for k in members}
+    return Shard(
+        sid,
+        "files",
+        folder,
+        tuple(members),
+        fps,
+        sidecars=("",) * len(members),
+        count=len(members),
+        first=members[0],
+        last=members[-1],
+    )
+
+
 def test_nightly_plan_with_more_overlapping_sealed_listings_than_it_caches(tmp_path):
     """A flat folder that grows every night: each sealed nightly shard spans the folder's key range, so a listed
     shard overlaps one sealed listing per night. With more nights than listings cached (and than are read at
     once), every file still gets the fingerprint of the newest run that read it."""
     from omnilmm_ray.listings import CACHED_LISTINGS, LISTINGS_IN_FLIGHT, CoveredFiles, ListingWriter
-    from omnilmm_ray.sources import Shard
 
     folder = "s3://bucket/flat"
     nights = CACHED_LISTINGS + LISTINGS_IN_FLIGHT + 3
     keys = [f"{i:05d}.jpg" for i in range(nights + 2)]
 
     def shard(sid, members, night):
-        fps = {f"{folder}/{k}": f"etag-{k}-night{night}" for k in members}
-        return Shard(
-            sid,
-            "files",
-            folder,
-            tuple(members),
-            fps,
-            sidecars=("",) * len(members),
-            count=len(members),
-            first=members[0],
-            last=members[-1],
-        )
+        return _loose(sid, folder, members, lambda k: f"etag-{k}-night{night}")
 
     with ListingWriter(str(tmp_path / "out"), None) as writer:
         # night n read the first and last key (so its range spans the folder) and the n-th key; key 0 is read
@@ -155,23 +159,11 @@ def test_reading_uncached_listings_never_evicts_the_ones_the_same_shard_needs(tm
     """The cache is full of the listings one listed shard needed; the next needs many new ones and one of the
     least recently used cached ones: reading the new ones must not push that one out."""
     from omnilmm_ray.listings import CACHED_LISTINGS, CoveredFiles, ListingWriter
-    from omnilmm_ray.sources import Shard
 
     folder = "s3://bucket/flat"
 
     def shard(sid, members):
-        fps = {f"{folder}/{k}": f"etag-{k}" for k in members}
-        return Shard(
-            sid,
-            "files",
-            folder,
-            tuple(members),
-            fps,
-            sidecars=("",) * len(members),
-            count=len(members),
-            first=members[0],
-            last=members[-1],
-        )
+        return _loose(sid, folder, members, lambda k: f"etag-{k}")
 
     late = [shard(f"m{n}", [f"m{n:04d}.jpg", f"z{n:04d}.jpg"]) for n in range(CACHED_LISTINGS - 1)]
     wide = shard("wide", ["a0000.jpg", "z9999.jpg"])  # reaches both halves of the folder
@@ -179,9 +171,8 @@ def test_reading_uncached_listings_never_evicts_the_ones_the_same_shard_needs(tm
     with ListingWriter(str(tmp_path / "out"), None) as writer:
         sealed = [[writer.compact(s)] for s in (*early, wide, *late)]  # runs oldest first
     covered = CoveredFiles(sealed)
-    covered.new_part(
-        shard("t1", ["m0000.jpg", "z0000.jpg"]), redo=set()
-    )  # fills the cache: `wide`, then `late`
+    # fills the cache: `wide`, then `late`
+    covered.new_part(shard("t1", ["m0000.jpg", "z0000.jpg"]), redo=set())
     assert sealed[len(early)][0].listing in covered.cache
     part = covered.new_part(shard("t2", ["a0000.jpg", "a0001.jpg", "b0099.jpg"]), redo=set())
     assert part is not None and part.members == ("b0099.jpg",)
