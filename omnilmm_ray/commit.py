@@ -9,13 +9,21 @@ skipping the indices its parts hold, so no row is captioned into the output twic
 per shard is the rows not yet in a part: up to `commit_rows` that reached the driver, plus those still in
 the pipeline. `verify_run` checks every planned shard before the
 run's `_SUCCESS` marker is written.
+
+The driver decides what to write as batches arrive; the writes themselves (`writers` > 1) run on a few
+threads, so one driver keeps up with many GPUs on an object store that takes tens of milliseconds per put:
+one shard's writes stay in order (its parts before the merge that reads them back), different shards' run
+side by side, and a failed write fails the job at the next batch or at `flush`. The job checks its output
+lease before handing each batch over (lease.py); a write follows that check by at most the 2 x `writers`
+writes queued ahead of it, a gap the lease's commit-time checks already allow for.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -32,6 +40,7 @@ log = logging.getLogger(__name__)
 
 
 PART = ".part-"
+WRITERS = 8  # output writes in flight in the job's driver (commit.py docstring)
 
 
 def shard_file(run_uri: str, shard_id: str) -> str:
@@ -90,9 +99,10 @@ class ShardCommitter:
         commit_rows: int = 1024,
         progress: Progress | None = None,
         out_schema: pa.Schema = schema.OUTPUT_SCHEMA,
+        writers: int = 1,
     ):
         """`out_schema`: the output table's schema (schema.output_schema: per-prompt columns in multi-prompt
-        mode)."""
+        mode). `writers`: writes in flight; with more than one, call `flush` before reading what was written."""
         self.fs, self.run_path = resolve(run_uri, storage_options)
         self.out_schema = out_schema
         self.run_uri = run_uri
@@ -103,14 +113,52 @@ class ShardCommitter:
         for sid, parts in (progress.parts if progress else {}).items():
             if sid in self.shards:
                 self.pending[sid] = _Pending(seen=set(progress.done_indices[sid]), parts=list(parts))
-        self.committed: set[str] = set()
+        self.sealed: set[str] = set()  # shards whose merge is decided: every row after is a repeat
+        self.committed: set[str] = set()  # shards whose file is written
         self.duplicates_dropped = 0
+        self._pool = ThreadPoolExecutor(writers, thread_name_prefix="commit") if writers > 1 else None
+        self._writers = writers
+        self._inflight: deque[Future] = deque()  # writes not yet known to have succeeded, oldest first
+        self._last: dict[str, Future] = {}  # per shard: its latest write, which the next one waits for
+        self._lock = threading.Lock()
+
+    def _write(self, sid: str, fn, *args) -> None:
+        """Run a write of shard `sid`: now, or on a writer thread after the shard's earlier writes. At most
+        twice `writers` writes wait at once (the driver then waits for the oldest: memory stays bounded
+        when the store is slow); a failed one raises here or in `flush`."""
+        if self._pool is None:
+            return fn(*args)
+        while self._inflight and (self._inflight[0].done() or len(self._inflight) >= 2 * self._writers):
+            self._inflight.popleft().result()
+        prev = self._last.get(sid)
+
+        def run():
+            if prev is not None:
+                prev.result()  # submitted earlier, so running or done: never waits on a queued write
+            fn(*args)
+
+        self._last[sid] = f = self._pool.submit(run)
+        self._inflight.append(f)
+        for k in [k for k, v in self._last.items() if v.done() and k in self.sealed]:
+            del self._last[k]  # a merged shard writes nothing more (a failure still raises from _inflight)
+
+    def flush(self) -> None:
+        """Wait for every write in flight; raises the first that failed."""
+        while self._inflight:
+            self._inflight.popleft().result()
+        self._last.clear()
+
+    def close(self) -> None:
+        """Let the writes in flight finish (they hold rows the driver already has), then stop the threads;
+        raises nothing, so an error the caller is handling stays the one reported."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     def add(self, batch: pa.Table) -> None:
         for sid in pc.unique(batch.column("shard_id")).to_pylist():
             mine = batch.filter(pc.equal(batch.column("shard_id"), sid))
             mine_ends = pa.array(schema.is_end(mine))
-            if sid in self.committed:  # a late repeat of a shard already written
+            if sid in self.sealed:  # a late repeat of a shard already merged
                 self.duplicates_dropped += len(mine) - pc.sum(mine_ends).as_py()
                 continue
             p = self.pending.setdefault(sid, _Pending())
@@ -138,13 +186,23 @@ class ShardCommitter:
 
     def _write_part(self, sid: str, p: _Pending) -> None:
         path = join(self.run_path, f"{sid}{PART}{len(p.parts):05d}.parquet")
-        write_parquet_atomic(self.fs, path, self._rows(p.tables).sort_by("sample_index"))
         p.parts.append(path)
-        p.tables = []
-        self.parts_written += 1
-        kill_point(f"part:{self.parts_written}")
+        tables, p.tables = p.tables, []
+        self._write(sid, self._put_part, path, tables)
+
+    def _put_part(self, path: str, tables: list[pa.Table]) -> None:
+        write_parquet_atomic(self.fs, path, self._rows(tables).sort_by("sample_index"))
+        with self._lock:
+            self.parts_written += 1
+            n = self.parts_written
+        kill_point(f"part:{n}")
 
     def _commit(self, sid: str, p: _Pending) -> None:
+        del self.pending[sid]
+        self.sealed.add(sid)
+        self._write(sid, self._merge, sid, p)
+
+    def _merge(self, sid: str, p: _Pending) -> None:
         shard = self.shards[sid]
         written = []
         for part in p.parts:
@@ -164,12 +222,14 @@ class ShardCommitter:
         t = t.replace_schema_metadata({**(t.schema.metadata or {}), **meta})
         write_parquet_atomic(self.fs, shard_file(self.run_path, sid), t)
         remove_files(self.fs, p.parts)  # a crash before this leaves orphans that load_progress reports
-        del self.pending[sid]
-        self.committed.add(sid)
+        with self._lock:
+            self.committed.add(sid)
+            n = len(self.committed)
         log.info("committed shard %s (%d rows)", shard.uri, len(p.expected))
-        kill_point(f"commit:{len(self.committed)}")
+        kill_point(f"commit:{n}")
 
     def uncommitted(self) -> list[str]:
+        """Shards still waiting for rows (after `flush`, every other one is written)."""
         return sorted(self.pending)
 
 

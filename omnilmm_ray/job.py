@@ -15,6 +15,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from omnilmm_ray import gate
 from omnilmm_ray.commit import (
+    WRITERS,
     RunCounts,
     ShardCommitter,
     load_progress,
@@ -251,6 +252,7 @@ def run_job(
             cfg.sink.commit_rows,
             progress,
             output_schema(cfg.prompt_names),
+            writers=WRITERS,
         )
         reporter = ProgressReporter(
             todo,
@@ -283,6 +285,8 @@ def run_job(
                     lease.ensure()  # `add` may write a part or a shard file
                     committer.add(batch)
                     reporter.observe(batch, len(committer.committed))
+                lease.ensure()
+                committer.flush()
             except Exception as e:
                 refused = _engine_refused(cfg, key, e)
                 if refused:
@@ -292,6 +296,7 @@ def run_job(
                 # Shut Ray Data's executor and its engine actors down now, on an error too, instead of
                 # whenever the iterator is garbage-collected; then drop this attempt's flight records.
                 batches.close()
+                committer.close()  # the writes in flight hold rows already captioned: let them land
                 clear_flight_records()
                 gate.clear(key)
                 reporter.stop()

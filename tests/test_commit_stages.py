@@ -36,15 +36,21 @@ def engine_rows(shard_id, n, skipped=0):
     }
 
 
-def test_out_of_order_repeated_rows_commit_each_shard_once(tmp_path):
+# 1: every write done in `add`, as verify and the unit tests read them; 8: the job's writer threads (commit.WRITERS)
+WRITERS = pytest.mark.parametrize("writers", [1, 8])
+
+
+@WRITERS
+def test_out_of_order_repeated_rows_commit_each_shard_once(tmp_path, writers):
     shards = [Shard("a", "tar", "src-a"), Shard("b", "tar", "src-b")]
-    c = ShardCommitter(str(tmp_path), shards)
+    c = ShardCommitter(str(tmp_path), shards, writers=writers)
     a, a_end = engine_rows("a", 10, skipped=2)
     b, b_end = engine_rows("b", 5)
     stream = a + b + a[:4] + b[2:] + [a_end, b_end]  # repeats, as from retried tasks
     random.Random(0).shuffle(stream)
     for i in range(0, len(stream), 3):
         c.add(schema.table(stream[i : i + 3], schema.ENGINE_SCHEMA))
+    c.flush()
     assert c.committed == {"a", "b"} and c.uncommitted() == [] and c.duplicates_dropped == 7
     t = pq.read_table(shard_file(str(tmp_path), "a"))
     assert (
@@ -56,13 +62,27 @@ def test_out_of_order_repeated_rows_commit_each_shard_once(tmp_path):
     assert counts.rows == 15 and counts.skipped == 2
 
 
-def test_shard_waits_for_its_end_marker_and_all_rows(tmp_path):
-    c = ShardCommitter(str(tmp_path), [Shard("a", "tar", "src-a")])
+@WRITERS
+def test_shard_waits_for_its_end_marker_and_all_rows(tmp_path, writers):
+    c = ShardCommitter(str(tmp_path), [Shard("a", "tar", "src-a")], writers=writers)
     rows, end = engine_rows("a", 3)
     c.add(schema.table(rows[:2] + [end], schema.ENGINE_SCHEMA))
+    c.flush()
     assert c.uncommitted() == ["a"] and not load_progress(str(tmp_path)).complete
     c.add(schema.table(rows[2:], schema.ENGINE_SCHEMA))
+    c.flush()
     assert c.committed == {"a"}
+
+
+def test_a_failed_write_on_a_writer_thread_fails_the_job(tmp_path):
+    (tmp_path / "run").write_text("a file where the run's folder should be")
+    c = ShardCommitter(str(tmp_path / "run"), [Shard("a", "tar", "src-a")], writers=8)
+    rows, end = engine_rows("a", 3)
+    c.add(schema.table(rows + [end], schema.ENGINE_SCHEMA))  # the merge is queued, not yet written
+    with pytest.raises(OSError):
+        c.flush()
+    assert c.committed == set()
+    c.close()
 
 
 def test_verify_refuses_a_missing_or_wrong_shard(tmp_path):
@@ -123,18 +143,23 @@ def test_caption_stage_reuses_known_bytes_without_the_engine(tmp_path, monkeypat
     assert r[1]["cached"] is False and len(seen) == 1
 
 
-def test_parts_survive_a_crash_and_merge_into_the_shard(tmp_path):
+@WRITERS
+def test_parts_survive_a_crash_and_merge_into_the_shard(tmp_path, writers):
     shards = [Shard("a", "tar", "src-a")]
     rows, end = engine_rows("a", 10)
-    c = ShardCommitter(str(tmp_path), shards, commit_rows=3)
+    c = ShardCommitter(str(tmp_path), shards, commit_rows=3, writers=writers)
     c.add(schema.table(rows[:4], schema.ENGINE_SCHEMA))  # 4 >= 3: one part with indices 0..3
     c.add(schema.table(rows[4:5] + rows[:2], schema.ENGINE_SCHEMA))  # repeats dropped, 1 pending row
+    c.flush()
     prog = load_progress(str(tmp_path))  # the driver dies here
     assert prog.complete == set() and prog.done_indices == {"a": {0, 1, 2, 3}} and len(prog.parts["a"]) == 1
 
-    c2 = ShardCommitter(str(tmp_path), shards, commit_rows=3, progress=prog)
-    # the rerun's reader skips 0..3; index 4 (lost with the dead driver) and the rest come again
-    c2.add(schema.table(rows[4:] + [end], schema.ENGINE_SCHEMA))
+    c2 = ShardCommitter(str(tmp_path), shards, commit_rows=3, progress=prog, writers=writers)
+    # the rerun's reader skips 0..3; index 4 (lost with the dead driver) and the rest come again, one row
+    # at a time: with writer threads, the parts they make and the merge that reads them back stay in order
+    for r in rows[4:] + [end]:
+        c2.add(schema.table([r], schema.ENGINE_SCHEMA))
+    c2.flush()
     assert c2.committed == {"a"}
     assert verify_run(str(tmp_path), shards).rows == 10
     assert pq.read_table(shard_file(str(tmp_path), "a")).column("sample_index").to_pylist() == list(range(10))
