@@ -287,6 +287,7 @@ def run_job(
                     reporter.observe(batch, len(committer.committed))
                 lease.ensure()
                 committer.flush()
+                reporter.commits(len(committer.committed))
             except Exception as e:
                 refused = _engine_refused(cfg, key, e)
                 if refused:

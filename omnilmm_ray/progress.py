@@ -156,8 +156,8 @@ class ProgressReporter:
                     self.counts[s.shard_id] = len(s.expected(r["shard_rows"], r["error_kind"] is not None))
             self.images += len(rows)
             self.errors.update({k: c for k, c in kinds.items() if k})
-            new_commits, self.committed = committed - self.committed, committed
             self.samples.append((self.clock(), self.images))
+        self.commits(committed)
         if self.metrics is not None:
             ok = kinds.pop(None, 0)
             if ok - cached > 0:
@@ -166,7 +166,13 @@ class ProgressReporter:
                 self.metrics.rows("cached", "", cached)
             for kind, n in kinds.items():
                 self.metrics.rows("failed", kind, n)
-            self.metrics.committed(new_commits)
+
+    def commits(self, committed: int) -> None:
+        """Shards committed so far by this attempt (the output writes finish after their batch came in)."""
+        with self._lock:
+            new, self.committed = committed - self.committed, committed
+        if self.metrics is not None and new:
+            self.metrics.committed(new)
 
     def line(self) -> str:
         with self._lock:
