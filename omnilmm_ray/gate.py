@@ -7,9 +7,9 @@ backend opens the gate (or shuts it with the reason). Ray Data launches the read
 start; they wait here, so no shard is read before the answer, and then read and decode while the engine
 builds (the backend is known ~2.5 s before a TurboMind engine is). The CPU stages learn from the answer
 whether the backend takes patches (`TAKES_PATCHES`). A read task that waits longer than
-`engine.start_timeout_s` fails the job with `EngineNotStarted` (no actor could be placed, or none started). A model that no engine serves therefore fails the job before any shard is read
-with the actor's reason, and the plan is written only after the gate opened (job.py), so such a job leaves
-no run behind.
+`engine.start_timeout_s` fails the job with `EngineNotStarted` (no actor could be placed, or none started).
+A model that no engine serves therefore fails the job before any shard is read with the actor's reason,
+and the plan is written only after the gate opened (job.py), so such a job leaves no run behind.
 
 The answer lives in Ray's GCS key-value store (beside the flight records) under a key made for one
 pipeline (`new_key`), so a second pipeline in the same driver (the Python API) never sees an earlier answer;
