@@ -368,14 +368,15 @@ def report(paths: list[str]) -> str:
         f"({' + '.join(f'{x:.1f}' for x in pair_rates)}) | {pair_sum / ceil:.2f}x one | "
         f"{pair[0]['ceiling_gpu_util']} |",
     ]
-    j1 = r["job_1gpu"]["steady_images_per_s"]
-    for name in ("job_1gpu", "job_2gpu", "job_autoscale_1to2"):
+    jobs = [n for n in ("job_1gpu", "job_2gpu", "job_autoscale_1to2") if n in r]  # --jobs may run a subset
+    j1 = r["job_1gpu"]["steady_images_per_s"] if "job_1gpu" in r else None
+    for name in jobs:
         j = r[name]
         gpus = 1 if name == "job_1gpu" else 2
         lines.append(
             f"| {name}: steady | {j['steady_images_per_s']:.1f} | "
             f"{j['steady_images_per_s'] / (gpus * ceil):.2f}x of {gpus} x ceiling"
-            + (f", {j['steady_images_per_s'] / j1:.2f}x job_1gpu" if gpus == 2 else "")
+            + (f", {j['steady_images_per_s'] / j1:.2f}x job_1gpu" if gpus == 2 and j1 else "")
             + f" | {j['gpu_util']} |"
         )
         lines.append(
@@ -399,7 +400,7 @@ def report(paths: list[str]) -> str:
             steps = ", ".join(f"{step} {t}" for step, t in w.get("timeline_s", {}).items())
             lines.append(f"| {k} | {w['first_commit_s']:.1f} | {w['wall_s']:.1f} | {steps} |")
     lines += ["", "Host CPU busy share over each job (/proc/stat):", ""]
-    for name in ("job_1gpu", "job_2gpu", "job_autoscale_1to2"):
+    for name in jobs:
         if "cpu_busy_pct" in r[name]:
             lines.append(f"- {name}: {r[name]['cpu_busy_pct']} %")
     lines += ["", "Engine actor start (log lines of each job):", ""]
@@ -407,7 +408,7 @@ def report(paths: list[str]) -> str:
         for ln in r.get(name, {}).get("actor_start", []):
             lines.append(f"- {name}: engine actor ready{ln}")
     lines += ["", "Engine actor timings (last log lines of each job):", ""]
-    for name in ("job_1gpu", "job_2gpu", "job_autoscale_1to2"):
+    for name in jobs:
         for ln in r[name]["actor_timings_last"]:
             lines.append(f"- {name}: {ln.split(chr(27))[0]}")
     lines += ["", "Raw results:", "", "```json", json.dumps(r, indent=1), "```"]
