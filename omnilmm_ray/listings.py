@@ -21,8 +21,11 @@ from itertools import accumulate
 from omnilmm_ray.sources import Shard, listing_bytes, load_listing, without_done
 from omnilmm_ray.storage import join, resolve, write_bytes_atomic
 
-CACHED_LISTINGS = 64  # listings of sealed shards kept while planning (~1,000 files each)
-LISTINGS_IN_FLIGHT = 16  # sealed listings read at once for one listed shard (<= CACHED_LISTINGS)
+# Fingerprints of sealed listings kept while planning (~50 MB), counted in files rather than listings: a flat
+# folder that grows every night has one small listing per night overlapping every listed shard, and a cache
+# of few listings would read them all again for each listed shard.
+CACHED_FILES = 250_000
+LISTINGS_IN_FLIGHT = 16  # sealed listings read at once for one listed shard
 UPLOADS_IN_FLIGHT = 16
 
 
@@ -80,7 +83,8 @@ class ListingWriter:
 class CoveredFiles:
     """The fingerprint each loose file had in the newest sealed run that read it, looked up per listed shard.
 
-    Holds one entry per sealed loose-file shard (its key range and listing), and a few listings at a time.
+    Holds one entry per sealed loose-file shard (its key range and listing), and up to `CACHED_FILES`
+    fingerprints of their listings.
     """
 
     def __init__(self, sealed: list[list[Shard]]):
@@ -93,11 +97,12 @@ class CoveredFiles:
         self.reach = list(accumulate(self.lasts, max))  # the furthest any entry up to here reaches
         self.entries = [(e[2], e[3]) for e in entries]
         self.cache: OrderedDict[str, dict[str, str]] = OrderedDict()
+        self.cached_files = 0
 
     def _fingerprints(self, shards: list[Shard]) -> list[dict[str, str]]:
         """Each shard's file fingerprints; the listings not cached are read at once (one GET each), since a
         listed shard can overlap a sealed shard of every nightly run that added files in its key range."""
-        for s in shards:  # touched first, so that loading the others cannot evict them (len(shards) <= cache)
+        for s in shards:  # touched first: the eviction below stops at the listings this call needs
             if s.listing in self.cache:
                 self.cache.move_to_end(s.listing)
         missing = list({s.listing: s for s in shards if s.listing and s.listing not in self.cache}.values())
@@ -106,10 +111,12 @@ class CoveredFiles:
                 loaded = list(pool.map(load_listing, missing))
         else:
             loaded = [load_listing(s) for s in missing]
+        needed = {s.listing for s in shards}
         for s in loaded:
             self.cache[s.listing] = s.fingerprints
-            if len(self.cache) > CACHED_LISTINGS:
-                self.cache.popitem(last=False)
+            self.cached_files += len(s.fingerprints)
+        while self.cached_files > CACHED_FILES and next(iter(self.cache)) not in needed:
+            self.cached_files -= len(self.cache.popitem(last=False)[1])  # least recently used first
         return [self.cache[s.listing] if s.listing else s.fingerprints for s in shards]
 
     def overlapping(self, first: str, last: str) -> list[tuple[int, Shard]]:

@@ -123,26 +123,27 @@ def _loose(sid: str, folder: str, members: list[str], etag) -> Shard:
     )
 
 
-def test_nightly_plan_with_more_overlapping_sealed_listings_than_it_caches(tmp_path):
+def test_nightly_plan_with_more_overlapping_sealed_listings_than_it_caches(tmp_path, monkeypatch):
     """A flat folder that grows every night: each sealed nightly shard spans the folder's key range, so a listed
-    shard overlaps one sealed listing per night. With more nights than listings cached (and than are read at
+    shard overlaps one sealed listing per night. With more nights than the cache holds (and than are read at
     once), every file still gets the fingerprint of the newest run that read it."""
-    from omnilmm_ray.listings import CACHED_LISTINGS, LISTINGS_IN_FLIGHT, CoveredFiles, ListingWriter
+    from omnilmm_ray import listings
 
+    monkeypatch.setattr(listings, "CACHED_FILES", 100)  # ~33 of the nights' 3-file listings
     folder = "s3://bucket/flat"
-    nights = CACHED_LISTINGS + LISTINGS_IN_FLIGHT + 3
+    nights = 100
     keys = [f"{i:05d}.jpg" for i in range(nights + 2)]
 
     def shard(sid, members, night):
         return _loose(sid, folder, members, lambda k: f"etag-{k}-night{night}")
 
-    with ListingWriter(str(tmp_path / "out"), None) as writer:
+    with listings.ListingWriter(str(tmp_path / "out"), None) as writer:
         # night n read the first and last key (so its range spans the folder) and the n-th key; key 0 is read
         # again each night with a new fingerprint (the file changes every night)
         sealed = [
             [writer.compact(shard(f"n{n}", [keys[0], keys[n + 1], keys[-1]], n))] for n in range(nights)
         ]
-    covered = CoveredFiles(sealed)
+    covered = listings.CoveredFiles(sealed)
     listed = shard("today", keys, nights - 1)  # today's listing: the files as the last night saw them
     part = covered.new_part(listed, redo=set())
     # key 0 and the last key were read by the last night with today's fingerprints; every middle key by
@@ -150,29 +151,53 @@ def test_nightly_plan_with_more_overlapping_sealed_listings_than_it_caches(tmp_p
     # except for the last night's own key
     assert part is not None
     assert set(part.members) == {keys[n + 1] for n in range(nights - 1)}
-    assert len(covered.cache) <= CACHED_LISTINGS
+    assert covered.cached_files == sum(len(f) for f in covered.cache.values()) <= 100
     # the same shard again finds the same answer from a cache that now holds only the newest listings
     assert set(covered.new_part(listed, redo=set()).members) == set(part.members)
 
 
-def test_reading_uncached_listings_never_evicts_the_ones_the_same_shard_needs(tmp_path):
+def test_reading_uncached_listings_never_evicts_the_ones_the_same_shard_needs(tmp_path, monkeypatch):
     """The cache is full of the listings one listed shard needed; the next needs many new ones and one of the
     least recently used cached ones: reading the new ones must not push that one out."""
-    from omnilmm_ray.listings import CACHED_LISTINGS, CoveredFiles, ListingWriter
+    from omnilmm_ray import listings
 
+    monkeypatch.setattr(listings, "CACHED_FILES", 20)  # ten of these 2-file listings
     folder = "s3://bucket/flat"
 
     def shard(sid, members):
         return _loose(sid, folder, members, lambda k: f"etag-{k}")
 
-    late = [shard(f"m{n}", [f"m{n:04d}.jpg", f"z{n:04d}.jpg"]) for n in range(CACHED_LISTINGS - 1)]
+    late = [shard(f"m{n}", [f"m{n:04d}.jpg", f"z{n:04d}.jpg"]) for n in range(9)]
     wide = shard("wide", ["a0000.jpg", "z9999.jpg"])  # reaches both halves of the folder
     early = [shard(f"a{n}", [f"a{n:04d}.jpg", f"b{n:04d}.jpg"]) for n in range(15)]
-    with ListingWriter(str(tmp_path / "out"), None) as writer:
+    with listings.ListingWriter(str(tmp_path / "out"), None) as writer:
         sealed = [[writer.compact(s)] for s in (*early, wide, *late)]  # runs oldest first
-    covered = CoveredFiles(sealed)
+    covered = listings.CoveredFiles(sealed)
     # fills the cache: `wide`, then `late`
     covered.new_part(shard("t1", ["m0000.jpg", "z0000.jpg"]), redo=set())
-    assert sealed[len(early)][0].listing in covered.cache
+    assert sealed[len(early)][0].listing in covered.cache and covered.cached_files == 20
     part = covered.new_part(shard("t2", ["a0000.jpg", "a0001.jpg", "b0099.jpg"]), redo=set())
     assert part is not None and part.members == ("b0099.jpg",)
+    assert sealed[len(early)][0].listing in covered.cache  # `late` went instead
+
+
+def test_small_nightly_listings_are_read_once_per_plan(tmp_path, monkeypatch):
+    """Many nights of a few new files each in a flat folder: the cache, counted in files, holds all their
+    listings, so a plan of several listed shards reads each sealed listing once (counted by the reads)."""
+    from omnilmm_ray import listings
+
+    folder = "s3://bucket/flat"
+    keys = [f"{i:05d}.jpg" for i in range(2000)]
+    nights = 150  # more than a cache of 64 listings held
+    with listings.ListingWriter(str(tmp_path / "out"), None) as writer:
+        sealed = [
+            [writer.compact(_loose(f"n{n}", folder, keys[n::nights], lambda k: "e"))] for n in range(nights)
+        ]
+    covered = listings.CoveredFiles(sealed)
+    reads = []
+    real = listings.load_listing
+    monkeypatch.setattr(listings, "load_listing", lambda s: reads.append(s.listing) or real(s))
+    for i in range(0, len(keys), 500):  # today's plan: four listed shards over the same folder
+        listed = _loose(f"t{i}", folder, keys[i : i + 500], lambda k: "e")
+        assert covered.new_part(listed, redo=set()) is None
+    assert len(reads) == nights == len(set(reads))
