@@ -1,0 +1,101 @@
+"""The job driver's memory while it runs: RSS against images committed, on a long run of small images.
+
+Builds `--shards` WebDataset tars of `--per-shard` tiny JPEGs (so the fake engine and decoding are fast and the
+run is long in images, not in time), runs the job on them with the fake engine on its own local Ray, samples the
+driver's RSS every 2 s beside the number of shards committed, and reports the growth per image between 10 % and
+90 % of the shards (start-up and sealing excluded). With `ARROW_DEFAULT_MEMORY_POOL=system` in the environment the
+same run shows whether pyarrow's allocator is what keeps the memory.
+
+    python bench/driver_rss.py --shards 600 > bench/results/driver-rss-DATE.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from omnilmm_ray.samples import draw, encode, write_tar  # noqa: E402
+
+
+def rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run(shards: Path, out: Path, env: dict) -> list[tuple[float, float, int]]:
+    """(seconds, driver RSS MB, shard files committed) every 2 s of one fake-engine job."""
+    cmd = [sys.executable, str(ROOT / "jobs" / "caption.py"), "--engine", "fake", "--input", str(shards)]
+    p = subprocess.Popen(
+        [*cmd, "--output", str(out)],
+        cwd=ROOT,
+        env={**os.environ, **env, "RAY_ADDRESS": "local"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    samples, t0 = [], time.time()
+    while p.poll() is None:
+        try:
+            samples.append((time.time() - t0, rss_mb(p.pid), len(list(out.glob("run=*/*.parquet")))))
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        time.sleep(2)
+    assert p.returncode == 0, f"job failed ({p.returncode})"
+    return samples
+
+
+def slope(samples: list[tuple[float, float, int]], shards: int, per_shard: int) -> dict:
+    lo = next(s for s in samples if s[2] >= shards // 10)
+    hi = next(s for s in samples if s[2] >= shards * 9 // 10)
+    images = (hi[2] - lo[2]) * per_shard
+    return {
+        "from": {"s": round(lo[0], 1), "rss_mb": round(lo[1]), "shards": lo[2]},
+        "to": {"s": round(hi[0], 1), "rss_mb": round(hi[1]), "shards": hi[2]},
+        "kb_per_image": round((hi[1] - lo[1]) * 1024 / images, 3),
+        "peak_mb": round(max(s[1] for s in samples)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shards", type=int, default=600)
+    ap.add_argument("--per-shard", type=int, default=256)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/driver-rss"))
+    a = ap.parse_args()
+    shards = a.work / f"in-{a.shards}x{a.per_shard}"
+    if not shards.exists():
+        for s in range(a.shards):
+            imgs = [encode(draw(s * 10_000 + i, size=(64, 48))[0]) for i in range(a.per_shard)]
+            write_tar(
+                shards / f"{s:05d}.tar", [(f"{s:05d}{i:04d}", {"jpg": im}) for i, im in enumerate(imgs)]
+            )
+    res = {}
+    for name, env in (("default", {}), ("system_allocator", {"ARROW_DEFAULT_MEMORY_POOL": "system"})):
+        res[name] = slope(run(shards, a.work / f"out-{time.time_ns()}", env), a.shards, a.per_shard)
+    print("# Driver RSS while a job runs\n")
+    print(
+        f"Machine: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}. Command: "
+        f"`python bench/driver_rss.py --shards {a.shards} --per-shard {a.per_shard}` ({a.shards * a.per_shard:,} "
+        "64x48 JPEGs, fake engine, local Ray). Growth between 10 % and 90 % of the shards committed.\n"
+    )
+    print("| allocator | driver RSS at 10 % | at 90 % | growth per image | peak |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, r in res.items():
+        print(
+            f"| {name} | {r['from']['rss_mb']} MB | {r['to']['rss_mb']} MB | {r['kb_per_image']} KB | {r['peak_mb']} MB |"
+        )
+    print(f"\nRaw: `{json.dumps(res)}`")
+
+
+if __name__ == "__main__":
+    main()
