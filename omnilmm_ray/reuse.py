@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from omnilmm_ray.prompts import render_row, templates
-from omnilmm_ray.schema import prompt_column
+from omnilmm_ray.schema import OUTPUT_SCHEMA, prompt_column
 from omnilmm_ray.storage import join, read_json, read_whole, resolve, write_json, write_parquet_atomic
 
 log = logging.getLogger(__name__)
@@ -54,16 +54,8 @@ INDEX_SCHEMA = pa.schema(
         pa.field("name", pa.dictionary(pa.int32(), pa.string())),
     ]
 )
-HITS_SCHEMA = pa.schema(
-    [
-        pa.field("sha256", pa.string()),
-        pa.field("prompt", pa.string()),
-        pa.field("caption", pa.string()),
-        pa.field("input_tokens", pa.int32()),
-        pa.field("output_tokens", pa.int32()),
-        pa.field("finish_reason", pa.string()),
-    ]
-)
+# A lookup's answer: the output table's own columns (schema.py declares each column once).
+HITS_SCHEMA = pa.schema([OUTPUT_SCHEMA.field(n) for n in ("sha256", "prompt", *CAPTION_FIELDS)])
 
 
 def _prefixes(chars: int) -> list[str]:
