@@ -230,13 +230,6 @@ def timeline(log: str, t0: float) -> dict:
     return {k: round(v, 2) for k, v in sorted(steps.items(), key=lambda kv: kv[1])}
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def job(
     model: str,
     shards: Path,
@@ -251,13 +244,15 @@ def job(
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
+    from omnilmm_ray.config import merged
+
     cfg = {
         "engine": {"backend": "turbomind", "model": model, "session_len": 2048, "cache_max_entry_count": 0.5},
         "generation": {"max_new_tokens": tokens, "min_new_tokens": tokens},
         "scale": {"batch_size": batch, "min_actors": min_actors, "max_actors": gpus},
         "preprocess": {"max_side": 640},  # = the image size: the engine sees the same pixels as the ceiling
     }
-    cfg = _merge(cfg, extra or {})
+    cfg = merged(cfg, extra or {})
     cfg_path = out.with_suffix(".yaml")
     cfg_path.write_text(json.dumps(cfg))
     env = {

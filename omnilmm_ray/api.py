@@ -19,20 +19,13 @@ from typing import Any
 import pyarrow as pa
 
 from omnilmm_ray import schema
-from omnilmm_ray.config import ConfigError, JobConfig, validate
+from omnilmm_ray.config import ConfigError, JobConfig, merged, validate
 from omnilmm_ray.preprocess import preprocess_batch
 from omnilmm_ray.stages import CaptionStage
 
 USER = "__user"
 # Our row columns the stage's output leaves out: bookkeeping, and what it derived from the user's columns.
 _INTERNAL = {"source", "key", "sample_index", "metadata", "text", *(f.name for f in schema.SHARD_FIELDS)}
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def job_config(config: str | Path | dict | JobConfig | None = None, **fields: Any) -> JobConfig:
@@ -51,7 +44,7 @@ def job_config(config: str | Path | dict | JobConfig | None = None, **fields: An
         data = dict(config or {})
     if isinstance(fields.get("inputs"), str):
         fields["inputs"] = [fields["inputs"]]
-    return validate(_merge(data, fields))
+    return validate(merged(data, fields))
 
 
 def caption(config: str | Path | dict | JobConfig | None = None, **fields: Any) -> dict:

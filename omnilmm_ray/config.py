@@ -477,6 +477,14 @@ CLI_FIELDS = {
 }
 
 
+def merged(base: dict, extra: dict) -> dict:
+    """`base` with `extra` on top: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_config(
     path: str | Path | None = None, overrides: dict[str, Any] | None = None, require_io: bool = True
 ) -> JobConfig:
