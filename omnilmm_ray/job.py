@@ -285,8 +285,7 @@ def run_job(
                     lease.ensure()  # `add` may write a part or a shard file
                     committer.add(batch)
                     reporter.observe(batch, len(committer.committed))
-                lease.ensure()
-                committer.flush()
+                committer.flush()  # starts no write: each was handed over after its batch's lease check
                 reporter.commits(len(committer.committed))
             except Exception as e:
                 refused = _engine_refused(cfg, key, e)
