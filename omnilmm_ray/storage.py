@@ -59,15 +59,10 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
     filesystem needs a temporary name and a rename.
     """
     if isinstance(fs, LocalFileSystem):
-        fs.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{os.path.dirname(path)}/.tmp-{uuid.uuid4().hex}-{os.path.basename(path)}"
-        with open(tmp, "wb") as f:
+        with open_atomic(fs, path) as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     else:
-        fs.pipe_file(path, data)
+        fs.pipe_file(path, data)  # one PUT
 
 
 @contextlib.contextmanager
