@@ -62,10 +62,6 @@ def _prefixes(chars: int) -> list[str]:
     return [""] if chars == 0 else [f"{i:0{chars}x}" for i in range(16**chars)]
 
 
-def _column(field: str, name: str) -> str:
-    return prompt_column(field, name) if name else field
-
-
 def _constant(value: str, n: int) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value]))
 
@@ -75,7 +71,7 @@ def _index_rows(fs, run_path: str, sid: str, *, lo: str, hi: str, names: list[st
     per row and prompt `names` ([""]: the single prompt)."""
     t = pq.read_table(
         pa.BufferReader(read_whole(fs, join(run_path, f"{sid}.parquet"))),
-        columns=["sha256", "error", *(_column("prompt", n) for n in names)],
+        columns=["sha256", "error", *(prompt_column("prompt", n) for n in names)],
     )
     t = t.append_column("row", pa.array(np.arange(len(t), dtype=np.int32)))
     sha = t.column("sha256")
@@ -83,7 +79,7 @@ def _index_rows(fs, run_path: str, sid: str, *, lo: str, hi: str, names: list[st
     ok = pc.and_(ok, pc.and_(pc.greater_equal(sha, lo), pc.less_equal(sha, hi)))
     t = t.filter(ok)
     digests = pa.array([bytes.fromhex(s) for s in t.column("sha256").to_pylist()], pa.binary(32))
-    files, prompts = _constant(sid, len(t)), [t.column(_column("prompt", n)) for n in names]
+    files, prompts = _constant(sid, len(t)), [t.column(prompt_column("prompt", n)) for n in names]
     return pa.concat_tables(
         pa.table([digests, p, files, t.column("row"), _constant(n, len(t))], schema=INDEX_SCHEMA)
         for n, p in zip(names, prompts)
@@ -267,10 +263,10 @@ class ReuseIndex:
             in_file = found.filter(pc.equal(found.column("file_first"), f))
             names = pc.unique(in_file.column("name_first")).to_pylist()
             with fs.open(join(run_path, f"{f}.parquet"), "rb") as fh:
-                t = pq.read_table(fh, columns=[_column(c, n) for n in names for c in CAPTION_FIELDS])
+                t = pq.read_table(fh, columns=[prompt_column(c, n) for n in names for c in CAPTION_FIELDS])
             for n in names:
                 mine = in_file.filter(pc.equal(in_file.column("name_first"), n))
-                got = t.select([_column(c, n) for c in CAPTION_FIELDS]).take(mine.column("row_first"))
+                got = t.select([prompt_column(c, n) for c in CAPTION_FIELDS]).take(mine.column("row_first"))
                 sha = pa.array([s.hex() for s in mine.column("sha256").to_pylist()], pa.string())
                 parts.append(pa.table([sha, mine.column("prompt"), *got.columns], schema=HITS_SCHEMA))
         t = pa.concat_tables(parts)
@@ -303,7 +299,7 @@ def apply_reuse(
     for name in tpl:
         for c in CAPTION_FIELDS:
             values = [(f.get(name) or {}).get(c) for f in found]
-            field = HITS_SCHEMA.field(c).with_name(_column(c, name))
+            field = HITS_SCHEMA.field(c).with_name(prompt_column(c, name))
             batch = batch.append_column(field, pa.array(values, field.type))
     for c in ("error", "error_kind"):
         batch = batch.set_column(

@@ -61,7 +61,8 @@ ENGINE_SCHEMA = pa.schema(list(OUTPUT_SCHEMA) + SHARD_FIELDS)
 
 
 def prompt_column(column: str, name: str) -> str:
-    return f"{column}_{name}"
+    """`column` of the prompt called `name`; name "" (single-prompt mode) is the column itself."""
+    return f"{column}_{name}" if name else column
 
 
 def output_schema(prompt_names: list[str] | None = None) -> pa.Schema:

@@ -112,7 +112,10 @@ Request = tuple[dict, str, str]
 def _answer(r: dict, name: str, prompt: str, c: Caption, cfg: JobConfig, first=None) -> None:
     """Put one engine answer (and, when retried, the first attempt `(Caption, flags)`) into its row."""
     flags = [] if c.error else caption_flags(c.text, c.finish_reason, prompt, cfg.quality, name)
-    col = (lambda n: schema.prompt_column(n, name)) if name else (lambda n: n)
+
+    def col(column: str) -> str:
+        return schema.prompt_column(column, name)
+
     r.update(
         {
             col("caption"): None if c.error else c.text,
@@ -145,7 +148,7 @@ def _served(r: dict, prompts: dict[str, str]) -> dict[str, Caption]:
     out = {}
     for name in prompts:
         cols = [
-            schema.prompt_column(f, name) if name else f
+            schema.prompt_column(f, name)
             for f in ("caption", "input_tokens", "output_tokens", "finish_reason")
         ]
         if r.get(cols[0]) is not None:
