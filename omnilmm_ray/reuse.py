@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from omnilmm_ray.prompts import render_row, templates
-from omnilmm_ray.schema import OUTPUT_SCHEMA, prompt_column
+from omnilmm_ray.schema import CAPTION_FIELDS, OUTPUT_SCHEMA, prompt_column
 from omnilmm_ray.storage import join, read_json, read_whole, resolve, write_json, write_parquet_atomic
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ ROW_GROUP = 2048  # a query that falls in a run's sha256 range reads about one r
 ROWS_PER_FILE = 2_000_000  # above this a run's index is split by the first hex digits of sha256
 BUILD_ROWS = 4_000_000  # index rows sorted in memory at once (~100 B each); a bigger run takes passes
 THREADS = 16
-CAPTION_FIELDS = ["caption", "input_tokens", "output_tokens", "finish_reason"]
 INDEX_SCHEMA = pa.schema(
     [
         pa.field("sha256", pa.binary(32)),

@@ -46,6 +46,12 @@ OUTPUT_SCHEMA = pa.schema(
 # Multi-prompt mode (`prompts: {name: ...}`): these columns once per prompt, as `<column>_<name>`. The row's
 # own caption/prompt/finish_reason/first_* columns stay null; its tokens are the sums over the prompts.
 PER_PROMPT = ["caption", "prompt", "input_tokens", "output_tokens", "finish_reason", "flags"]
+CAPTION_FIELDS = [
+    "caption",
+    "input_tokens",
+    "output_tokens",
+    "finish_reason",
+]  # an answer: engines.Caption's order
 PER_PROMPT_RETRY = ["first_caption", "first_flags"]
 
 _BASE = ["source", "key", "sample_index", "metadata", "text", "error", "error_kind"]

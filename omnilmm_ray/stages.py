@@ -147,10 +147,7 @@ def _served(r: dict, prompts: dict[str, str]) -> dict[str, Caption]:
     fills a prompt's caption columns only for those, and nothing else sets them before this stage."""
     out = {}
     for name in prompts:
-        cols = [
-            schema.prompt_column(f, name)
-            for f in ("caption", "input_tokens", "output_tokens", "finish_reason")
-        ]
+        cols = [schema.prompt_column(f, name) for f in schema.CAPTION_FIELDS]
         if r.get(cols[0]) is not None:
             out[name] = Caption(*(r[c] for c in cols))
     return out
