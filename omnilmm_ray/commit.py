@@ -34,7 +34,7 @@ from omnilmm_ray import schema
 from omnilmm_ray.faults import kill_point
 from omnilmm_ray.quality import count_flags
 from omnilmm_ray.sources import Shard
-from omnilmm_ray.storage import join, read_whole, resolve, write_parquet_atomic
+from omnilmm_ray.storage import TMP_PREFIX, join, read_whole, resolve, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ class Progress:
     complete: set[str] = field(default_factory=set)
     parts: dict[str, list[str]] = field(default_factory=dict)  # shard id -> part paths
     done_indices: dict[str, set[int]] = field(default_factory=dict)  # shard id -> indices in its parts
-    orphans: list[str] = field(default_factory=list)  # parts of complete shards (crash before their removal)
+    # parts of complete shards (crash before their removal) and temporary files of interrupted local writes
+    orphans: list[str] = field(default_factory=list)
 
 
 def load_progress(run_uri: str, storage_options: dict | None = None) -> Progress:
@@ -63,8 +64,10 @@ def load_progress(run_uri: str, storage_options: dict | None = None) -> Progress
         names = [n.rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)]
     except FileNotFoundError:
         return Progress()
+    # a local write a crash interrupted (the writer threads may be mid-write when the driver dies)
+    prog = Progress(orphans=[join(path, n) for n in names if n.startswith(TMP_PREFIX)])
     names = [n for n in names if n.endswith(".parquet") and not n.startswith((".", "_"))]
-    prog = Progress(complete={n[: -len(".parquet")] for n in names if PART not in n})
+    prog.complete = {n[: -len(".parquet")] for n in names if PART not in n}
     for n in sorted(n for n in names if PART in n):
         sid = n.split(PART)[0]
         if sid in prog.complete:

@@ -65,6 +65,9 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
         fs.pipe_file(path, data)  # one PUT
 
 
+TMP_PREFIX = ".tmp-"  # a local atomic write in progress; one a crash interrupted is left under this name
+
+
 @contextlib.contextmanager
 def open_atomic(fs: fsspec.AbstractFileSystem, path: str):
     """A file to stream into that readers see whole or not at all (see write_bytes_atomic): a temporary name
@@ -74,7 +77,7 @@ def open_atomic(fs: fsspec.AbstractFileSystem, path: str):
             yield f
         return
     fs.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{os.path.dirname(path)}/.tmp-{uuid.uuid4().hex}-{os.path.basename(path)}"
+    tmp = f"{os.path.dirname(path)}/{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}"
     try:
         with open(tmp, "wb") as f:
             yield f

@@ -176,3 +176,12 @@ def test_reader_skips_committed_indices_but_counts_them(tmp_path):
     shard = Shard("s", "tar", str(p))
     out = pa.concat_tables(list(read_shard(shard, InputConfig(), skip={0, 2, 3}))).to_pylist()
     assert [r["sample_index"] for r in out[:-1]] == [1, 4] and out[-1]["shard_rows"] == 5
+
+
+def test_a_write_interrupted_by_a_crash_leaves_a_temporary_file_the_next_attempt_removes(tmp_path):
+    c = ShardCommitter(str(tmp_path), [Shard("a", "tar", "src-a")])
+    rows, end = engine_rows("a", 3)
+    c.add(schema.table(rows + [end], schema.ENGINE_SCHEMA))
+    (tmp_path / ".tmp-0123-b.parquet").write_bytes(b"half a file")  # what a kill mid-write leaves
+    prog = load_progress(str(tmp_path))
+    assert prog.complete == {"a"} and [p.rsplit("/", 1)[-1] for p in prog.orphans] == [".tmp-0123-b.parquet"]

@@ -52,8 +52,11 @@ def start(cmd, env_extra):
 
 
 def shard_files(out, parts=False):
-    """Committed files -> mtime: whole shards, or (parts=True) the part files of shards in progress."""
-    files = {p.name: p.stat().st_mtime_ns for p in Path(out).glob("run=*/*.parquet")}
+    """Committed files -> mtime: whole shards, or (parts=True) the part files of shards in progress. Not the
+    temporary file of a write the kill interrupted (`.tmp-…`: the next attempt removes it, load_progress)."""
+    files = {
+        p.name: p.stat().st_mtime_ns for p in Path(out).glob("run=*/*.parquet") if not p.name.startswith(".")
+    }
     return {k: v for k, v in files.items() if (".part-" in k) == parts}
 
 
