@@ -91,6 +91,17 @@ class PreprocessConfig(_Strict):
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per preprocessing task.")
 
 
+def _refuse_credentials(uri: str | None, stored: str, opts: str) -> None:
+    """Every URI the job accepts: one carrying credentials is refused before anything runs, since it would
+    reach places no redaction covers (`stored`; Ray's own session logs, where actor arguments are written)."""
+    if uri and uri_has_credentials(uri):
+        raise ValueError(
+            f"{redact_uri(uri)} carries credentials (a password or a signed-URL parameter), which would be "
+            f"stored in {stored}; remove them from the URI and pass them through the environment "
+            f"(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, an instance role) or {opts}"
+        )
+
+
 class EngineConfig(_Strict):
     backend: Literal["auto", "turbomind", "pytorch", "fake"] = Field(
         "auto",
@@ -157,6 +168,12 @@ class EngineConfig(_Strict):
         "refusal, empty, cut off, too short, other script), picked from the pixels; with the quality retry's "
         "generation settings all but refusals come back good.",
     )
+
+    @field_validator("model", "cache_dir")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        _refuse_credentials(v, "the job's settings, which Ray's logs show", "a credentials file the nodes read")
+        return v
 
 
 class GenerationConfig(_Strict):
@@ -399,13 +416,7 @@ class JobConfig(_Strict):
         # run reads the plan's URIs again, so they cannot be redacted there. Credentials go elsewhere.
         opts = "input.storage_options" if info.field_name == "inputs" else "sink.storage_options"
         for uri in [v] if isinstance(v, str) else v:
-            if uri_has_credentials(uri):
-                raise ValueError(
-                    f"{redact_uri(uri)} carries credentials (a password or a signed-URL parameter), which "
-                    "would be stored in the run's plan and rows; remove them from the URI and pass them "
-                    "through the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, an instance role) or "
-                    f"{opts}"
-                )
+            _refuse_credentials(uri, "the run's plan and rows", opts)
         return v
 
     @field_validator("prompt")

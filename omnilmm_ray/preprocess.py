@@ -19,6 +19,10 @@ from omnilmm_ray.config import PreprocessConfig
 
 # Vision towers need a few patches per side (Qwen2-VL: 28 px); a 4000x3 banner is padded, not refused.
 MIN_SIDE = 28
+# The raster formats the README promises, by Pillow's format id (the JPEG opener also takes MPO, the
+# multi-picture JPEG many phones write). `Image.open` would otherwise try every plugin it has on untrusted bytes, among them EPS, whose
+# loader runs Ghostscript in a subprocess: no format outside this list gets a decoder.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 def smart_resize(
@@ -73,7 +77,7 @@ def decode(data: bytes, cfg: PreprocessConfig) -> tuple[Image.Image, int, int]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             # Pillow's own bomb check reads a process-wide limit; make it ours (this runs in a worker process).
             Image.MAX_IMAGE_PIXELS = cfg.max_pixels
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=FORMATS)
             w, h = im.size  # header only: checked before any pixel is decoded
             if w * h > cfg.max_pixels:
                 raise ImageError("too_many_pixels", f"{w}x{h} exceeds preprocess.max_pixels={cfg.max_pixels}")
@@ -92,7 +96,9 @@ def decode(data: bytes, cfg: PreprocessConfig) -> tuple[Image.Image, int, int]:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError("too_many_pixels", f"{e} (preprocess.max_pixels={cfg.max_pixels})") from None
     except UnidentifiedImageError:
-        raise ImageError("not_an_image", "cannot identify image format") from None
+        raise ImageError(
+            "not_an_image", f"not an image of a supported format ({', '.join(FORMATS)}); others are refused"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError("decode_error", f"{type(e).__name__}: {e}") from None
     im = _to_rgb(im)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from omnilmm_ray import schema
 from omnilmm_ray.config import InputConfig
-from omnilmm_ray.sources import IMAGE_EXTS, Shard, load_listing
+from omnilmm_ray.sources import IMAGE_EXTS, INVALID_NAME, Shard, escape_name, load_listing
 from omnilmm_ray.storage import join, read_whole, resolve
 
 log = logging.getLogger(__name__)
@@ -67,35 +67,56 @@ class _CheckedTarInfo(tarfile.TarInfo):
             raise tarfile.ReadError(f"invalid member header at byte {at}: {e}") from None
 
 
+class _NotAFile:
+    """A tar member that is no regular file (a symbolic or hard link, a device, a FIFO): never followed."""
+
+    def __init__(self, m: tarfile.TarInfo):
+        what = "a symbolic link" if m.issym() else "a hard link" if m.islnk() else "not a regular file"
+        self.reason = f"tar member {escape_name(m.name)} is {what}"
+        if m.issym() or m.islnk():
+            self.reason += f" to {escape_name(m.linkname)}; links are not followed"
+
+
 def _tar_samples(f, stats: dict) -> Iterator[dict]:
-    """Consecutive members sharing a key form one sample (img2dataset's layout)."""
+    """Consecutive members sharing a key form one sample (img2dataset's layout); a member repeating an
+    extension the sample already has starts a new sample with the same key, so no image is dropped."""
     key, parts = None, {}
 
     def flush():
-        img_ext = next((e for e in parts if e.rpartition(".")[2] in IMAGE_EXTS), None)
+        images = [e for e in parts if e.rpartition(".")[2] in IMAGE_EXTS]
+        img_ext = next(
+            (e for e in images if not isinstance(parts[e], _NotAFile)), images[0] if images else None
+        )
         if img_ext is None:
             stats["skipped_at"].append(stats["samples"])
             return None
-        meta = parts.get("json")
         stats["samples"] += 1
+        if (safe := escape_name(key)) != key:
+            return {"key": safe, **schema.error("invalid_name", f"tar member name {safe!r} is not UTF-8")}
+        if isinstance(parts[img_ext], _NotAFile):
+            return {"key": key, **schema.error("not_a_file", parts[img_ext].reason)}
+        side = {e: v for e, v in parts.items() if isinstance(v, bytes)}  # a linked sidecar is ignored
         return {
             "key": key,
             "image": parts[img_ext],
-            "metadata": meta.decode("utf-8", "replace") if meta is not None else None,
-            "text": parts["txt"].decode("utf-8", "replace") if "txt" in parts else None,
+            "metadata": side["json"].decode("utf-8", "replace") if "json" in side else None,
+            "text": side["txt"].decode("utf-8", "replace") if "txt" in side else None,
         }
 
     with tarfile.open(fileobj=f, mode="r|*", tarinfo=_CheckedTarInfo) as tar:
         try:
             for m in tar:
-                if not m.isfile():
+                if m.isdir():
                     continue
                 k, ext = _wds_key(m.name)
-                if k != key and parts:
+                if (k != key or ext in parts) and parts:
                     if (s := flush()) is not None:
                         yield s
                     parts = {}
                 key = k
+                if not m.isfile():
+                    parts[ext] = _NotAFile(m)
+                    continue
                 pad = -m.size % tarfile.BLOCKSIZE
                 try:
                     data = tar.extractfile(m).read()
@@ -106,12 +127,14 @@ def _tar_samples(f, stats: dict) -> Iterator[dict]:
                 end = tar.fileobj.tell()
                 if len(data) != m.size:
                     raise ShardTruncated(
-                        f"the tar ends at byte {end}, inside member {m.name} "
+                        f"the tar ends at byte {end}, inside member {escape_name(m.name)} "
                         f"({min(end - m.offset_data, m.size)} of {m.size} bytes)"
                     )
                 parts[ext] = data
                 if pad:
-                    raise ShardTruncated(f"the tar ends at byte {end}, in the padding after member {m.name}")
+                    raise ShardTruncated(
+                        f"the tar ends at byte {end}, in the padding after member {escape_name(m.name)}"
+                    )
         except (ShardTruncated, tarfile.ReadError):
             # The members of the last key were read whole; its sidecars may be missing, its image is not.
             if parts and (s := flush()) is not None:
@@ -188,6 +211,10 @@ def _file_samples(shard: Shard, cfg: InputConfig) -> Iterator[dict]:
 
 
 def _samples(shard: Shard, cfg: InputConfig, stats: dict) -> Iterator[dict]:
+    if shard.format == INVALID_NAME:  # one input file whose name is not UTF-8 (sources.py): never opened
+        reason = f"file name {shard.members[0]!r} is not UTF-8 (shown escaped); rename the file"
+        yield {"key": shard.members[0], "source": shard.uri, **schema.error("invalid_name", reason)}
+        return
     if shard.format == "files":
         yield from _file_samples(shard, cfg)
         return

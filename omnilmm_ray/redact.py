@@ -49,9 +49,20 @@ _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
 _known: set[str] = set()
 
 
+# `scheme://USER:SECRET@`: the userinfo as written by hand, where the secret may hold any character but `@`
+# (AWS secret keys hold `/` and `+`, which `urlsplit` takes for the start of the path); a user name has no
+# `/`, `?`, `#` or `:`. `s3://bucket/a:b@c.jpg` (an object key with `:` and `@`) does not match.
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)([^/?#:@\s]*:[^@\s]*)@")
+
+
 def uri_has_credentials(uri: str) -> bool:
     """A password in the userinfo, or a query parameter that authorises by itself."""
-    parts = urlsplit(uri)
+    if _USERINFO.match(uri):
+        return True
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return False
     if not parts.scheme:
         return False
     userinfo = parts.netloc.rpartition("@")[0]
@@ -60,6 +71,7 @@ def uri_has_credentials(uri: str) -> bool:
 
 def redact_uri(uri: str) -> str:
     """`s3://KEY:SECRET@bucket/x` -> `s3://***@bucket/x`; secret query parameters -> `***`."""
+    uri = _USERINFO.sub(lambda m: f"{m.group(1)}{MASK}@", uri, count=1)
     try:
         parts = urlsplit(uri)
     except ValueError:

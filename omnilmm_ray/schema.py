@@ -114,6 +114,8 @@ PERMANENT_KINDS = frozenset(
         "too_many_pixels",
         "empty_image",
         "missing_image",  # null bytes in a Parquet row
+        "invalid_name",  # a file or tar member name that is not UTF-8: the key holds it escaped
+        "not_a_file",  # a tar member that is a link (never followed) or another non-regular file
         "empty_caption",  # greedy decoding gives the same empty text again
         "missing_prompt_field",  # the prompt template names a field this sample does not have
     }

@@ -24,6 +24,8 @@ from fsspec.utils import glob_translate
 from omnilmm_ray.config import ConfigError, InputConfig
 from omnilmm_ray.storage import fingerprint, read_whole, resolve, unstrip
 
+# The format of a shard standing for one input file whose name is not valid UTF-8 (one error row).
+INVALID_NAME = "invalid_name"
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"}
 SIDECAR_EXTS = {"json", "txt"}
 
@@ -106,6 +108,13 @@ class Shard:
         """Sample indices this shard's committed file must hold, given its end marker: `rows` samples passed,
         the last of them a shard-level error row when `failed` (always written, wanted or not)."""
         return [i for i in range(rows) if self.wants(i) or (failed and i == rows - 1)]
+
+
+def escape_name(name: str) -> str:
+    """A name as text that any encoder takes, losslessly: the bytes of a name that is not UTF-8 (tar and
+    POSIX file names are bytes; Python carries the undecodable ones as lone surrogates, which Arrow, JSON
+    writers and hashes refuse) are written as `\\xNN` escapes. A UTF-8 name is returned unchanged."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def ext_of(path: str) -> str:
@@ -268,6 +277,20 @@ def iter_shards(inputs: list[str], cfg: InputConfig) -> Iterator[Shard]:
         for path, info, side in _with_sidecars(counted()):
             uri, ext = unstrip(fs, path), ext_of(path)
             recognised += 1
+            if (escaped := escape_name(uri)) != uri:
+                # A name that is not UTF-8 cannot be a key, a source or a plan entry: it becomes a shard of
+                # its own whose one row says so (readers.py), and the other files are read as usual.
+                key = escape_name(posixpath.relpath(path, root)) if root else escape_name(path)
+                s = Shard(
+                    _shard_id("invalid_name", escaped),
+                    INVALID_NAME,
+                    escaped,
+                    (key,),
+                    {escaped: fingerprint(info)},
+                )
+                if new(s):
+                    yield s
+                continue
             if ext in ("tar", "parquet"):
                 size = int(info.get("size") or 0)
                 if new(

@@ -218,13 +218,18 @@ class OutputTable:
         return schema.OUTPUT_SCHEMA
 
     def read_latest(self) -> pa.Table:
-        """The newest caption per (source, key) across sealed runs, with a `run` column (see iter_latest)."""
+        """The newest caption per image across sealed runs, with a `run` column (see iter_latest)."""
         empty = self.output_schema().append(pa.field("run", pa.string())).empty_table()
         return pa.concat_tables([empty, *self.iter_latest()])
 
     def iter_latest(self) -> Iterator[pa.Table]:
-        """The newest row per (source, key) across sealed runs, one table per input shard (its files in every
-        sealed run), so memory holds one shard's history at a time. Loose files are grouped per folder.
+        """The newest row per image across sealed runs, one table per input shard (its files in every sealed
+        run), so memory holds one shard's history at a time. Loose files are grouped per folder.
+
+        A tar or Parquet shard's images are its samples in order, and keys may repeat inside one, so an
+        image is (source, sample_index) of one reading of the file: the newest run that read the shard whole
+        replaces every earlier row (an image gone from a rewritten file goes with them), and later retries
+        of single rows of the same file replace theirs. A loose file is its own source, one image per key.
 
         A shard-level error row (no key: reading stopped there) is dropped once a later run read that shard
         again from its index on. (For loose files its source is their folder, and any later read of files in
@@ -236,6 +241,9 @@ class OutputTable:
             for d in self.plan_of(rid)["shards"]:
                 groups.setdefault(d["uri"], []).append((rid, self.shard(d)))
         for reread in groups.values():
+            if reread[0][1].format != "files":  # runs are in id order: keep the newest whole read on
+                whole = [i for i, (_, s) in enumerate(reread) if s.retry is None]
+                reread = reread[whole[-1] :] if whole else reread
             parts = []
             for rid, s in reread:
                 with self.fs.open(shard_file(self._run_path(rid), s.shard_id), "rb") as f:
@@ -249,9 +257,10 @@ class OutputTable:
                     for i, run in zip(*keyless.select(["sample_index", "run"]).to_pydict().values())
                 ]
                 keyless = keyless.filter(pa.array(keep, pa.bool_()))
+            identity = ["source", "key"] if reread[0][1].format == "files" else ["source", "sample_index"]
             t = t.filter(pc.is_valid(t.column("key"))).sort_by([("run", "descending")])
             t = t.append_column("_i", pa.array(np.arange(len(t))))
-            first = t.group_by(["source", "key"], use_threads=False).aggregate([("_i", "first")])
+            first = t.group_by(identity, use_threads=False).aggregate([("_i", "first")])
             t = t.take(np.sort(first.column("_i_first").to_numpy())).drop_columns(["_i"])
             yield pa.concat_tables([t, keyless]).sort_by(
                 [("source", "ascending"), ("sample_index", "ascending")]
