@@ -1,10 +1,11 @@
-"""Command line: `omnilmm-caption --input ... --output ...` (also under `ray job submit`), and
-`omnilmm-caption report --output URI` for the history of an output's runs.
+"""Command line: `omnilmm-caption --input ... --output ...` (also under `ray job submit`),
+`omnilmm-caption report --output URI` for the history of an output's runs, and `omnilmm-caption latest
+--output URI --to FILE` for the newest caption per image.
 
 Exit codes: 0 run finished (bad images are rows), 2 bad config / input / output, 3 error budget exceeded,
 4 output locked by another job, 130 / 143 interrupted (SIGINT / SIGTERM), 1 anything else. The last line
-printed says why (`error: ...`, `interrupted; ...`, `done: ...`): under `ray job submit` the job's logs end
-with it, and `ray job status` shows the exit code.
+printed says why (`error: ...`, `interrupted; ...`, `done: ...`); on failure it ends with ` [exit N]`,
+because `ray job submit` exits 1 whatever the job's code and a submitter reads it from the log's last line.
 """
 
 from __future__ import annotations
@@ -19,9 +20,33 @@ import traceback
 from omnilmm_ray import redact
 from omnilmm_ray.config import ConfigError, JobConfig, load_config
 
+PROG = "omnilmm-caption"
+SUBCOMMANDS = {
+    "report": "history of an output's runs: report --output URI [--json] [--last N]",
+    "latest": "newest caption per image across sealed runs, to Parquet: latest --output URI --to FILE",
+}
+
+
+class UsageError(Exception):
+    """A command line argparse refuses: exit 2 through `_last`, so its last line keeps the exit contract."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print its own last line and exit 2 itself
+        self.print_usage(sys.stderr)
+        raise UsageError(f"{message}; see {self.prog} --help")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="caption", description="Caption image shards with a VLM on Ray.")
+    p = _Parser(
+        prog=PROG,
+        usage=f"%(prog)s --input URI [--input URI ...] --output URI [options]\n"
+        f"       %(prog)s {{{','.join(SUBCOMMANDS)}}} ...",
+        description="Caption image shards with a VLM on Ray.",
+        epilog="subcommands (each takes --help):\n"
+        + "\n".join(f"  {name:8} {text}" for name, text in SUBCOMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--input", action="append", help="input URI or glob; repeatable")
     p.add_argument("--output", help="output table URI")
     p.add_argument("--config", help="YAML file with any config field; CLI flags win")
@@ -87,6 +112,20 @@ def _error(e: BaseException) -> str:
     return "error: " + " ".join(str(e).split())
 
 
+def _crash(e: BaseException) -> str:
+    """The one line for an unexpected exception (its traceback is printed before it)."""
+    cause = getattr(e, "cause", None) or e  # a RayTaskError carries the worker's exception
+    return (f"error: {type(cause).__name__}: {cause}".splitlines() or ["error"])[0]
+
+
+def _last(line: str, code: int) -> int:
+    """Print a failure's last line and return its exit code. ` [exit N]` is a contract: `ray job submit`
+    exits 1 for every failure, so a submitter carries the job's own code on from this suffix."""
+    sys.stdout.flush()  # in a log of stdout and stderr together, nothing printed before may land after it
+    print(redact.redact_text(f"{line} [exit {code}]"), file=sys.stderr, flush=True)
+    return code
+
+
 def _overrides(args: argparse.Namespace) -> dict:
     skip = ("config", "dry_run", "print_config", "print_schema")
     return {k: v for k, v in vars(args).items() if k not in skip}
@@ -98,8 +137,7 @@ def _print_config(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, _overrides(args), require_io=False)
     except ConfigError as e:
-        print(redact.redact_text(_error(e)), file=sys.stderr)
-        return 2
+        return _last(_error(e), 2)
     redact.register(redact.option_secrets(cfg.input.storage_options))
     redact.register(redact.option_secrets(cfg.sink.storage_options))
     # model_dump masks storage_options; redact_text catches a secret anywhere else (a token in a prompt)
@@ -108,9 +146,36 @@ def _print_config(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every exit but success and --help ends with `_last`'s line, whatever failed and where."""
     argv = sys.argv[1:] if argv is None else argv
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        _catch_signals()
+        return _dispatch(argv)
+    except UsageError as e:
+        return _last(_error(e), 2)
+    except KeyboardInterrupt as e:  # outside a run (report, latest, before Ray starts): nothing to resume
+        return _last("interrupted; rerun the same command", getattr(e, "exit_code", 130))
+    except SystemExit as e:
+        if not e.code:
+            raise  # --help
+        if e.code == signal.SIGTERM:  # ray.init's own handler (sys.exit(signum)) until _catch_signals runs
+            return _last("interrupted; rerun the same command to resume", 128 + signal.SIGTERM)
+        code = e.code if isinstance(e.code, int) else 1
+        return _last(f"error: exited with {e.code}", code)
+    except Exception as e:
+        traceback.print_exc()
+        return _last(_crash(e), 1)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["report"]:
         return report_main(argv[1:])
+    if argv[:1] == ["latest"]:
+        return latest_main(argv[1:])
     args = parse_args(argv)
     if args.print_schema:
         print(json.dumps(JobConfig.model_json_schema(), indent=1))
@@ -118,14 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     redact.register(redact.env_secrets())
     if args.print_config:
         return _print_config(args)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with redact.redacting_output():
-            _catch_signals()
-            return _main(args)
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    with redact.redacting_output():
+        return _main(args)
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -155,32 +214,29 @@ def _main(args: argparse.Namespace) -> int:
 
             print(f"\n{'!' * 80}\n!! {BANNER}\n{'!' * 80}\n", file=sys.stderr)
         summary = run_job(cfg, table=table, wait_for_gpus=_attached_to_cluster())
+        line, code = done_line(summary, cfg.output), 0
     except ConfigError as e:
-        print(_error(e), file=sys.stderr)
-        return 2
+        line, code = _error(e), 2
     except ErrorBudgetExceeded as e:
-        print(_error(e), file=sys.stderr)
-        return 3
+        line, code = _error(e), 3
     except LeaseHeld as e:
-        print(_error(e), file=sys.stderr)
-        return 4
+        line, code = _error(e), 4
     except LeaseLost as e:  # expected under a takeover: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        line, code = f"error: {e}", 1
     except KeyboardInterrupt as e:  # the lease was released on the way here
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return getattr(e, "exit_code", 130)
+        line, code = "interrupted; rerun the same command to resume", getattr(e, "exit_code", 130)
     except Exception as e:  # the traceback for the logs, then one line that says what failed
         traceback.print_exc()
-        cause = getattr(e, "cause", None) or e  # a RayTaskError carries the worker's exception
-        print(f"error: {type(cause).__name__}: {cause}".splitlines()[0], file=sys.stderr)
-        return 1
+        line, code = _crash(e), 1
     finally:
         if connected:  # end the Ray job now, not at interpreter exit: its actors (and a Ray it started) go
             import ray
 
             ray.shutdown()
-    print(done_line(summary, cfg.output))
+    # Printed after Ray's shutdown, whose own output would otherwise follow it.
+    if code:
+        return _last(line, code)
+    print(line, flush=True)
     return 0
 
 
@@ -199,9 +255,7 @@ def done_line(summary: dict, output: str) -> str:
 
 def report_main(argv: list[str] | None = None) -> int:
     """`omnilmm-caption report --output URI [--json]`: one line per run of an output, oldest first."""
-    ap = argparse.ArgumentParser(
-        prog="omnilmm-caption report", description="History of the runs of a captioning output."
-    )
+    ap = _Parser(prog=f"{PROG} report", description="History of the runs of a captioning output.")
     ap.add_argument("--output", required=True, help="the job's output table URI")
     ap.add_argument("--json", action="store_true", help="print a JSON list of runs instead of a table")
     ap.add_argument("--last", type=int, help="only the newest N runs")
@@ -216,8 +270,7 @@ def report_main(argv: list[str] | None = None) -> int:
         if not records:  # a missing bucket or folder lists as empty: most likely a wrong URI
             raise ConfigError(f"output: no run in {args.output}; check the URI (runs are run=<id>/ folders)")
     except ConfigError as e:
-        print(redact.redact_text(_error(e)), file=sys.stderr)
-        return 2
+        return _last(_error(e), 2)
     if args.last:
         records = records[-args.last :]
     text = json.dumps(records, indent=1) if args.json else format_text(records, args.output)
@@ -226,8 +279,9 @@ def report_main(argv: list[str] | None = None) -> int:
 
 
 def latest_main(argv: list[str] | None = None) -> int:
-    """`python jobs/latest.py --output URI --to FILE`: the newest caption per image across sealed runs."""
-    ap = argparse.ArgumentParser(prog="latest", description="Write the newest caption per image to Parquet.")
+    """`omnilmm-caption latest --output URI --to FILE` (or `python jobs/latest.py ...`): the newest caption
+    per image across sealed runs."""
+    ap = _Parser(prog=f"{PROG} latest", description="Write the newest caption per image to Parquet.")
     ap.add_argument("--output", required=True, help="the job's output table URI")
     ap.add_argument("--to", required=True, help="Parquet file (any fsspec URI) to write the latest view to")
     args = ap.parse_args(argv)
@@ -243,7 +297,6 @@ def latest_main(argv: list[str] | None = None) -> int:
                 "exits 0)"
             )
     except ConfigError as e:
-        print(redact.redact_text(_error(e)), file=sys.stderr)
-        return 2
+        return _last(_error(e), 2)
     print(f"{latest_to_parquet(args.output, args.to)} rows -> {redact.redact_uri(args.to)}")
     return 0

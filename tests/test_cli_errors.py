@@ -111,6 +111,7 @@ def test_unreachable_input_endpoint(ray_local, tmp_path):
     assert (
         line.startswith("error: inputs: s3://bucket/in/*.tar: cannot reach")
         and "input.storage_options" in line
+        and line.endswith(" [exit 2]")  # printed after Ray's shutdown, so it stays the last line
     )
     assert not list((tmp_path / "out").glob("run=*")), "nothing planned"
     r = cli([*args, "--config", str(cfg), "--dry-run"])
@@ -197,7 +198,7 @@ def test_interrupt_releases_the_lease_and_says_how_to_resume(ray_local, samples,
     _, err = p.communicate(timeout=60)
     assert p.returncode == code, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
-    assert err.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"
+    assert err.strip().splitlines()[-1] == f"interrupted; rerun the same command to resume [exit {code}]"
     assert not (out / "_lock.json").exists(), "lease released"
 
 
