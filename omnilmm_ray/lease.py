@@ -2,7 +2,9 @@
 
 `_lock.json` names its holder and a heartbeat time that the holder rewrites every ttl/4. Taking the lease is
 atomic where the store has conditional writes: a compare-and-swap under `flock` on a local filesystem,
-`If-None-Match: *` to create and `If-Match: <ETag>` to take over or renew on S3. Other stores (GCS, Azure
+`If-None-Match: *` to create and `If-Match: <ETag>` to take over or renew on S3. The local lock is waited
+for at most `lock_wait_s`: a process stopped while holding it (SIGSTOP, a frozen container) would otherwise
+block every other job without end; a lease that cannot be checked in time counts as held. Other stores (GCS, Azure
 through fsspec) get the portable fallback: write, wait briefly, read back; of two jobs racing, the one that
 was overwritten refuses. The read-back also runs after a conditional write, for S3-compatible stores that
 ignore the condition headers.
@@ -17,8 +19,10 @@ stops heartbeating, and `ensure()`, which the job calls before each write, raise
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import logging
 import os
 import socket
 import threading
@@ -29,7 +33,14 @@ from contextlib import contextmanager
 from fsspec.asyn import sync
 from fsspec.implementations.local import LocalFileSystem
 
-from omnilmm_ray.storage import join, read_json, resolve, write_json
+from omnilmm_ray.storage import TMP_PREFIX, join, read_json, resolve, write_json
+
+log = logging.getLogger(__name__)
+
+
+# The shortest wait for the local folder lock: a write and fsync of a few hundred bytes, on a busy or network
+# disk, can take seconds; a lock held longer than this and a heartbeat interval belongs to a stuck process.
+LOCK_WAIT_S = 10.0
 
 
 class LeaseHeld(RuntimeError):
@@ -90,21 +101,79 @@ class _LocalStore(_Store):
     """Compare-and-swap under an advisory lock (`flock`) on the output folder, which the kernel drops when
     its holder dies, so it never goes stale; creating is also an exclusive create (a hard link)."""
 
+    def __init__(self, fs, path: str, wait_s: float, uri: str):
+        super().__init__(fs, path)
+        self.wait_s, self.uri = wait_s, uri
+
+    def _holder(self) -> str:
+        cur = read_json(self.fs, self.path)
+        if not cur:
+            return "no job holds the lease"
+        age = time.time() - float(cur.get("heartbeat", 0))
+        return f"the lease names host {cur.get('host')} pid {cur.get('pid')}, heartbeat {age:.0f}s ago"
+
+    def _flock(self, fd: int, folder: str) -> None:
+        """Take the folder lock within `wait_s`, saying what we wait for. A read and a small write hold it
+        for milliseconds; longer, its holder is stopped or hung, and a blocking flock would wait for it
+        without end."""
+        deadline = time.monotonic() + self.wait_s
+        said, delay = False, 0.005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LeaseHeld(
+                    f"output is in use: the lock on folder {folder} (held around each read-and-write of "
+                    f"{self.uri}) was not released within {self.wait_s:g}s; {self._holder()}. That process "
+                    "(or another job taking the lease) is most likely stopped (SIGSTOP, a frozen container) "
+                    "or hung: resume or end it (`lsof` on the folder shows it), then rerun"
+                )
+            if not said and self.wait_s - left >= min(1.0, self.wait_s / 2):
+                said = True
+                log.warning(
+                    "waiting up to %.0fs more for the lock on folder %s, held by another process (%s)",
+                    left,
+                    folder,
+                    self._holder(),
+                )
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 0.25)
+
     @contextmanager
-    def _swap(self, token: object):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(os.path.dirname(self.path), os.O_RDONLY)
+    def _swap(self, token: object, tidy: bool = False):
+        folder = os.path.dirname(self.path)
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._flock(fd, folder)
+            if tidy:
+                self._remove_leftovers(folder)
             if read_json(self.fs, self.path) != token:
                 raise _Taken()
             yield
         finally:
             os.close(fd)
 
+    def _remove_leftovers(self, folder: str) -> None:
+        """Temporary lock files of a write that a kill interrupted: every write of the lock file happens
+        under the folder lock, which we hold, so any one found now is a leftover (table.py removes the
+        other temporary files, but not these: it does not take this lock)."""
+        name = os.path.basename(self.path)
+        for n in os.listdir(folder):
+            if (n.startswith(TMP_PREFIX) and n.endswith(f"-{name}")) or (
+                n.startswith(f"{name}.") and n.endswith(".tmp")  # named so before the TMP_PREFIX names
+            ):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(join(folder, n))
+
     def create(self, body: dict) -> object:
-        with self._swap(None):
-            tmp = f"{self.path}.{uuid.uuid4().hex}.tmp"
+        with self._swap(None, tidy=True):
+            folder, name = os.path.split(self.path)
+            tmp = join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}")
             with open(tmp, "w") as f:
                 json.dump(body, f)
                 f.flush()
@@ -118,11 +187,14 @@ class _LocalStore(_Store):
         return body
 
     def take(self, body: dict, token: object) -> object:
-        with self._swap(token):
+        with self._swap(token, tidy=True):
             write_json(self.fs, self.path, body)
         return body
 
-    renew = take
+    def renew(self, body: dict, token: object) -> object:
+        with self._swap(token):
+            write_json(self.fs, self.path, body)
+        return body
 
 
 class _S3Store(_Store):
@@ -173,9 +245,9 @@ class _S3Store(_Store):
         return self._put(body, IfMatch=token)
 
 
-def _store(fs, path: str) -> _Store:
+def _store(fs, path: str, lock_wait_s: float, uri: str) -> _Store:
     if isinstance(fs, LocalFileSystem):
-        return _LocalStore(fs, path)
+        return _LocalStore(fs, path, lock_wait_s, uri)
     if "s3" in fs.protocol:
         return _S3Store(fs, path)
     return _Store(fs, path)
@@ -183,13 +255,21 @@ def _store(fs, path: str) -> _Store:
 
 class Lease:
     def __init__(
-        self, output_uri: str, ttl_s: float, storage_options: dict | None = None, settle_s: float = 0.5
+        self,
+        output_uri: str,
+        ttl_s: float,
+        storage_options: dict | None = None,
+        settle_s: float = 0.5,
+        lock_wait_s: float | None = None,
     ):
+        """`lock_wait_s`: the longest wait for the local folder lock (default: a heartbeat interval, at
+        least LOCK_WAIT_S), after which the lease counts as held."""
         self.fs, base = resolve(output_uri, storage_options)
         self.path = join(base, "_lock.json")
-        self.store = _store(self.fs, self.path)
         self.output_uri = output_uri
         self.uri = join(output_uri, "_lock.json")
+        wait = lock_wait_s if lock_wait_s is not None else max(LOCK_WAIT_S, ttl_s / 4)
+        self.store = _store(self.fs, self.path, wait, self.uri)
         self.ttl_s, self.settle_s = ttl_s, settle_s
         self.me = {"owner": uuid.uuid4().hex, **identity()}
         self.lost: dict | None = None  # the lease found in our place once we lost ours ({} if none)
@@ -229,6 +309,15 @@ class Lease:
         if not self._free(cur) and age > self.ttl_s / 2:
             # Its holder missed two heartbeats: most likely dead on another host (a preempted head pod).
             # Wait out the TTL instead of failing, so an automatic retry of the job goes through.
+            log.warning(
+                "%s is held by host %s pid %s, whose last heartbeat was %.0fs ago: waiting %.0fs for it to "
+                "expire (sink.lock_ttl_s)",
+                self.uri,
+                cur.get("host"),
+                cur.get("pid"),
+                age,
+                self.ttl_s - age,
+            )
             time.sleep(self.ttl_s - age + 0.1)
             cur, token = self.store.read()
         if not self._free(cur):
