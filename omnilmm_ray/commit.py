@@ -13,9 +13,10 @@ run's `_SUCCESS` marker is written.
 The driver decides what to write as batches arrive; the writes themselves (`writers` > 1) run on a few
 threads, so one driver keeps up with many GPUs on an object store that takes tens of milliseconds per put:
 one shard's writes stay in order (its parts before the merge that reads them back), different shards' run
-side by side, and a failed write fails the job at the next batch or at `flush`. The job checks its output
-lease before handing each batch over (lease.py); a write follows that check by at most the 2 x `writers`
-writes queued ahead of it, a gap the lease's commit-time checks already allow for.
+side by side, and a failed write fails the job at the next batch or at `flush`. Every write and removal
+first calls `guard` (the job's lease.ensure) on the thread that makes it, so a job that lost its output
+lease touches nothing more, writes it had queued before the loss included: a queued merge would remove
+part files that the job which took over has loaded.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -103,9 +105,13 @@ class ShardCommitter:
         progress: Progress | None = None,
         out_schema: pa.Schema = schema.OUTPUT_SCHEMA,
         writers: int = 1,
+        guard: Callable[[], None] | None = None,
     ):
         """`out_schema`: the output table's schema (schema.output_schema: per-prompt columns in multi-prompt
-        mode). `writers`: writes in flight; with more than one, call `flush` before reading what was written."""
+        mode). `writers`: writes in flight; with more than one, call `flush` before reading what was written.
+        `guard`: called right before each write or removal; what it raises drops that write (and the
+        shard's later ones, which wait for it) and fails the job like a failed write."""
+        self._guard = guard
         self.fs, self.run_path = resolve(run_uri, storage_options)
         self.out_schema = out_schema
         self.run_uri = run_uri
@@ -193,8 +199,14 @@ class ShardCommitter:
         tables, p.tables = p.tables, []
         self._write(sid, self._put_part, path, tables)
 
+    def _touch(self, op, *args) -> None:
+        """Every write and removal of output files goes through here."""
+        if self._guard is not None:
+            self._guard()
+        op(*args)
+
     def _put_part(self, path: str, tables: list[pa.Table]) -> None:
-        write_parquet_atomic(self.fs, path, self._rows(tables).sort_by("sample_index"))
+        self._touch(write_parquet_atomic, self.fs, path, self._rows(tables).sort_by("sample_index"))
         with self._lock:
             self.parts_written += 1
             n = self.parts_written
@@ -223,8 +235,9 @@ class ShardCommitter:
             b"omnilmm.shard_failed": (p.failed or "").encode(),
         }
         t = t.replace_schema_metadata({**(t.schema.metadata or {}), **meta})
-        write_parquet_atomic(self.fs, shard_file(self.run_path, sid), t)
-        remove_files(self.fs, p.parts)  # a crash before this leaves orphans that load_progress reports
+        self._touch(write_parquet_atomic, self.fs, shard_file(self.run_path, sid), t)
+        # A crash (or a lost lease) before this leaves orphans that load_progress reports.
+        self._touch(remove_files, self.fs, p.parts)
         with self._lock:
             self.committed.add(sid)
             n = len(self.committed)

@@ -253,6 +253,7 @@ def run_job(
             progress,
             output_schema(cfg.prompt_names),
             writers=WRITERS,
+            guard=lease.ensure,  # each write checks the lease on its own thread, queued ones included
         )
         reporter = ProgressReporter(
             todo,
@@ -282,10 +283,10 @@ def run_job(
                         table.write_plan(run)
                         kill_point("plan")
                     processed += sum(1 for e in batch.column("shard_rows").to_pylist() if e is None)
-                    lease.ensure()  # `add` may write a part or a shard file
+                    lease.ensure()  # stop at once; `add`'s writes check again right before they run
                     committer.add(batch)
                     reporter.observe(batch, len(committer.committed))
-                committer.flush()  # starts no write: each was handed over after its batch's lease check
+                committer.flush()  # starts no write; each checks the lease when it runs (its guard)
                 reporter.commits(len(committer.committed))
             except Exception as e:
                 refused = _engine_refused(cfg, key, e)

@@ -143,6 +143,21 @@ def test_s3_takeover_is_conditional_on_the_lease_it_read(s3, s3_endpoint):
     assert json.loads(s3.cat_file("lease-cas/_lock.json"))["owner"] == "y"
 
 
+def _lock_free(folder: Path) -> bool:
+    """Whether no process holds the output folder's lock (lease.py's local compare-and-swap) now."""
+    import fcntl
+    import os
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # closing drops a lock we took
+
+
 def _files(out: Path) -> dict[str, int]:
     return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
@@ -195,6 +210,10 @@ def test_a_paused_job_that_lost_its_lease_stops_without_writing(ray_local, tmp_p
         pass
     assert a.poll() is None and seen, a.stderr.read().decode()[-2000:]
     os.killpg(a.pid, signal.SIGSTOP)
+    while not _lock_free(out):  # stopped inside a heartbeat's write, B would get exit 4 (test_lease_lock.py)
+        os.killpg(a.pid, signal.SIGCONT)
+        time.sleep(0.05)
+        os.killpg(a.pid, signal.SIGSTOP)
     try:
         # B refuses a lease whose heartbeat is fresh and waits out one that missed two beats: start it then
         while time.time() - json.loads((out / "_lock.json").read_text())["heartbeat"] < 2.5:
