@@ -5,8 +5,10 @@ Expects Ray to be initialised by the entrypoint (jobs/caption.py); library code 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
+import os
 import time
 import uuid
 from collections import Counter
@@ -31,12 +33,13 @@ from omnilmm_ray.gate import EngineNotStarted
 from omnilmm_ray.lease import Lease
 from omnilmm_ray.metrics import DriverMetrics
 from omnilmm_ray.progress import ProgressReporter, plan_counts
+from omnilmm_ray.prompts import TypoCheck, templates
 from omnilmm_ray.quality import quality_summary
 from omnilmm_ray.redact import redact_text
 from omnilmm_ray.reuse import build_index
 from omnilmm_ray.schema import SHARD_KINDS, output_schema
 from omnilmm_ray.storage import join, read_json, write_bytes_atomic, write_json
-from omnilmm_ray.table import OutputTable, Run
+from omnilmm_ray.table import PROBE, OutputTable, Run
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +51,17 @@ class ErrorBudgetExceeded(RuntimeError):
 def check_output(cfg: JobConfig, write: bool = True) -> OutputTable:
     """The output is reachable with our credentials and (`write`) accepts a write; else ConfigError."""
     table = OutputTable(cfg.output, cfg.sink.storage_options)
-    probe = join(table.path, f"_probe-{uuid.uuid4().hex}")
+    probe = join(table.path, f"{PROBE}{uuid.uuid4().hex}")
     try:
         # a real write: on object stores only that proves the bucket exists and accepts our credentials
         if write:
-            write_bytes_atomic(table.fs, probe, b"")
-            table.fs.rm_file(probe)
+            if isinstance(table.fs, LocalFileSystem):
+                os.makedirs(table.path, exist_ok=True)
+            # A plain write, not an atomic one: the lease holder may remove a probe at any time (one a kill
+            # left, OutputTable.remove_leftovers), and a temporary file renamed away would fail this check.
+            table.fs.pipe_file(probe, b"")
+            with contextlib.suppress(FileNotFoundError):
+                table.fs.rm_file(probe)
         elif not table.run_ids() and not isinstance(table.fs, LocalFileSystem):
             table.fs.ls(table.path.split("/")[0])  # an empty listing: does the bucket exist at all?
     except Exception as e:
@@ -223,6 +231,13 @@ def run_job(
     require_gpus(cfg, wait_for_gpus)
     with Lease(cfg.output, cfg.sink.lock_ttl_s, cfg.sink.storage_options) as lease:
         kill_point("lease")
+        lease.ensure()
+        if gone := table.remove_leftovers():  # what kills left; only the lease holder removes anything
+            log.info(
+                "removed %d temporary file(s) or empty run folder(s) that killed jobs left: %s",
+                len(gone),
+                gone[:5],
+            )
         with storage_access("inputs", cfg.inputs):  # the output answered: a storage error is the inputs'
             run = table.open_run(cfg, write=False)
         progress = load_progress(run.uri, cfg.sink.storage_options)
@@ -244,7 +259,7 @@ def run_job(
             backend = preflight(cfg)  # nothing to caption, so no engine actor resolves the model
             table.write_plan(run)
             kill_point("plan")
-        reuse = table.reuse_index() if cfg.sink.reuse_captions and todo else None
+        reuse = table.reuse_index(cfg) if cfg.sink.reuse_captions and todo else None
         committer = ShardCommitter(
             run.uri,
             todo,
@@ -266,6 +281,7 @@ def run_job(
             gpus=None if cfg.engine.backend == "fake" else _gpus_in_use,
         )
         t0, processed = time.time(), 0
+        typos = TypoCheck(any(t.fields for t in templates(cfg.prompt, cfg.prompts).values()))
         if todo:
             from omnilmm_ray.pipeline import caption_batches
 
@@ -285,8 +301,13 @@ def run_job(
                     processed += sum(1 for e in batch.column("shard_rows").to_pylist() if e is None)
                     lease.ensure()  # stop at once; `add`'s writes check again right before they run
                     committer.add(batch)
+                    typos.observe(batch)
+                    if typo := typos.verdict(committer.committed):
+                        raise ConfigError(typo)
                     reporter.observe(batch, len(committer.committed))
                 committer.flush()  # starts no write; each checks the lease when it runs (its guard)
+                if typo := typos.verdict(committer.committed):  # shards committed by the flush
+                    raise ConfigError(typo)
                 reporter.commits(len(committer.committed))
             except Exception as e:
                 refused = _engine_refused(cfg, key, e)

@@ -82,11 +82,14 @@ def history(output: str, storage_options: dict | None = None) -> list[dict]:
     table = OutputTable(output, storage_options)
     ids = table.run_ids()
 
-    def one(rid: str) -> dict:
+    def one(rid: str) -> dict | None:
         path = join(table.path, f"run={rid}")
+        plan = read_json(table.fs, join(path, "_plan.json"))
+        if plan is None:  # a job killed inside a run's first write left no run (the next job tidies up)
+            return None
         rec = run_record(
             rid,
-            read_json(table.fs, join(path, "_plan.json")),
+            plan,
             read_json(table.fs, join(path, "_summary.json")),
             table.fs.exists(join(path, "_SUCCESS")),
         )
@@ -95,7 +98,7 @@ def history(output: str, storage_options: dict | None = None) -> list[dict]:
         return rec
 
     with ThreadPoolExecutor(8) as pool:
-        return list(pool.map(one, ids))
+        return [r for r in pool.map(one, ids) if r is not None]
 
 
 def _duration(s: float | None) -> str:

@@ -89,6 +89,14 @@ def open_atomic(fs: fsspec.AbstractFileSystem, path: str):
             os.remove(tmp)
 
 
+def temp_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """The temporary files of local atomic writes under `root`, at any depth: writes in progress, or ones a
+    kill interrupted. Object stores have none (a PUT, or a multipart upload, is published whole or not)."""
+    if not isinstance(fs, LocalFileSystem):
+        return []
+    return [os.path.join(d, n) for d, _, names in os.walk(root) for n in names if n.startswith(TMP_PREFIX)]
+
+
 def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
     write_bytes_atomic(fs, path, json.dumps(obj, indent=1, default=str).encode())
 

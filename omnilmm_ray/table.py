@@ -23,17 +23,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from omnilmm_ray import schema
-from omnilmm_ray.commit import shard_file
+from omnilmm_ray.commit import remove_files, shard_file
 from omnilmm_ray.config import ConfigError, JobConfig, fingerprint_diff, generation_fingerprint
 from omnilmm_ray.listings import CoveredFiles, ListingWriter, key_range
 from omnilmm_ray.reuse import ReuseIndex, open_index
 from omnilmm_ray.schema import SHARD_KINDS
 from omnilmm_ray.sources import Retry, Shard, iter_shards, load_listing
-from omnilmm_ray.storage import join, open_atomic, read_json, resolve, write_json
+from omnilmm_ray.storage import join, open_atomic, read_json, resolve, temp_files, write_json
 
 log = logging.getLogger(__name__)
+
+PROBE = "_probe-"  # the name of job.check_output's write test
 
 
 @dataclass
@@ -62,6 +65,31 @@ class OutputTable:
         except FileNotFoundError:
             return []
         return sorted(n.rsplit("/", 1)[-1][4:] for n in names if n.rsplit("/", 1)[-1].startswith("run="))
+
+    def remove_leftovers(self) -> list[str]:
+        """Remove what kills left, and return it: temporary files of interrupted local writes at any depth
+        (a `run=*/**/*.parquet` glob would read them), a precheck's probe, and `run=` folders holding
+        nothing else and no plan (a kill inside a run's first write: no run). Only the lease holder may
+        call it: no other job writes here then, but another one's precheck (its probe: a plain write,
+        whose removal it tolerates) and lease takeover (whose temporary files lease.py removes under
+        its lock, so they are left alone here)."""
+        gone = [
+            p
+            for p in temp_files(self.fs, self.path)
+            if not (os.path.dirname(p) == self.path and p.endswith("-_lock.json"))
+        ]
+        gone += [p for p in self.fs.ls(self.path, detail=False) if p.rsplit("/", 1)[-1].startswith(PROBE)]
+        remove_files(self.fs, gone)
+        for rid in self.run_ids() if isinstance(self.fs, LocalFileSystem) else ():
+            path = self._run_path(rid)
+            if self.fs.exists(join(path, "_plan.json")):
+                continue
+            if not os.listdir(path):
+                os.rmdir(path)
+                gone.append(path)
+            else:  # not ours to delete: written by something other than this job
+                log.warning("%s has no _plan.json, so it is no run: reruns and reports ignore it", path)
+        return gone
 
     def _run_path(self, run_id: str) -> str:
         return join(self.path, f"run={run_id}")
