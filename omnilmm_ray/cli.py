@@ -246,9 +246,13 @@ def done_line(summary: dict, output: str) -> str:
     c = summary["counts"]
     top = list(summary["errors_by_kind"].items())[:3]
     errors = ", ".join(f"{k} {v['count']}" for k, v in top) or "none"
+    # Flagged rows are ok rows (they keep their caption), so "ok" alone would hide them.
+    quality = summary.get("quality") or {}
+    flags = ", ".join(f"{k} {n}" for k, n in list(quality.get("by_flag", {}).items())[:3]) or "none"
     return (
-        f"done: run {summary['run']}: {summary['rows']} rows ({c['ok']} ok, {c['error']} errors, {c['cached']} "
-        f"reused), {summary['this_attempt']['images_per_s']} images/s -> {output}; top errors: {errors}; "
+        f"done: run {summary['run']}: {summary['rows']} rows ({c['ok']} ok, {quality.get('flagged_rows', 0)} of "
+        f"them flagged, {c['error']} errors, {c['cached']} reused), {summary['this_attempt']['images_per_s']} "
+        f"images/s -> {output}; top errors: {errors}; top flags: {flags}; "
         f"summary: {join(output.rstrip('/'), 'run=' + summary['run'], '_summary.json')}"
     )
 

@@ -3,7 +3,8 @@ prefix `ray_` (counters also get `_total`) on the node's metrics port, which Ray
 scrape and `cluster/grafana-omnilmm.json` read.
 
 Engine side (the GPU actors, stages.py): tokens, batch latency, batches in flight per actor.
-Driver side (the commit loop, progress.py): images by status and error kind, shards committed, planned totals.
+Driver side (the commit loop, progress.py): images by status and error kind, quality flags, shards committed,
+planned totals.
 `METRICS` lists every name once, so the dashboard's queries are checked against it (tests).
 """
 
@@ -19,6 +20,17 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "counter",
         "Images the driver received from the pipeline, by status (captioned, cached, failed) and error kind.",
         ("status", "error_kind"),
+    ),
+    "omnilmm_images_flagged": (
+        "counter",
+        "Images whose caption got at least one quality flag (quality.py; a flag marks a row to look at, not a "
+        "failure).",
+        (),
+    ),
+    "omnilmm_caption_flags": (
+        "counter",
+        "Quality flags on captions, by flag and prompt name ('' with a single prompt); an image may carry several.",
+        ("flag", "prompt"),
     ),
     "omnilmm_shards_committed": ("counter", "Shard files committed to the output.", ()),
     "omnilmm_images_planned": (
@@ -96,16 +108,28 @@ class DriverMetrics:
 
     def __init__(self):
         self.images = make("omnilmm_images")
+        self.images_flagged = make("omnilmm_images_flagged")
+        self.flags = make("omnilmm_caption_flags")
         self.shards = make("omnilmm_shards_committed")
         self.images_planned = make("omnilmm_images_planned")
         self.shards_planned = make("omnilmm_shards_planned")
 
-    def planned(self, images: int, shards: int) -> None:
-        self.images_planned.set(images)
+    def planned(self, images: int | None, shards: int) -> None:
+        """`images` None: not known yet (only unread tars), left unset rather than exported as 0."""
+        if images is not None:
+            self.images_planned.set(images)
         self.shards_planned.set(shards)
 
     def rows(self, status: str, error_kind: str, n: int) -> None:
         self.images.inc(n, tags={"status": status, "error_kind": error_kind})
+
+    def flagged(self, rows: int, by_flag: dict[str, int]) -> None:
+        """`rows` flagged images; `by_flag`: images per flag as the `flags` column names it ("name:flag" in
+        multi-prompt mode, split here into the two tags)."""
+        self.images_flagged.inc(rows)
+        for flag, n in by_flag.items():
+            prompt, _, base = flag.rpartition(":")
+            self.flags.inc(n, tags={"flag": base, "prompt": prompt})
 
     def committed(self, n: int) -> None:
         if n:

@@ -1,11 +1,15 @@
-"""The driver's progress line, every `report.progress_s` seconds while a run goes:
+"""The driver's progress line, when the pipeline starts and then every `report.progress_s` seconds:
 
-    progress: 1,204/~20,480 images (6%), shards 3/80 committed, 412.5 images/s (last 60s), ETA 47m, errors: decode_error 2
+    progress: 1,204/~20,480 images (6%), shards 3/80 committed, 412.5 images/s (last 60s), ETA ~47m, errors: decode_error 2, flagged: 31 (too_short 20, refusal 11)
 
 Images are this attempt's work (a resumed run does not count what earlier attempts committed); shards are
 the run's. Planned counts come from the plan where that is cheap (loose files: the file count; Parquet: the
 footer's row count) and are estimated from bytes per image elsewhere (tars: their member count is only
-known once read), marked `~`, and replaced by the exact count as each shard's end marker arrives.
+known once read), marked `~`, and replaced by the exact count as each shard's end marker arrives; with
+nothing to estimate from yet (only tars, none read) the count is `?`.
+
+The rate, and the ETA from it, count only since the first rows came back and over the last RATE_WINDOW_S at
+most: an average since the start would include the engine's start-up and overstate the time left.
 """
 
 from __future__ import annotations
@@ -76,6 +80,17 @@ def _duration(s: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+def _count_flags(flags: pa.ChunkedArray) -> tuple[int, dict[str, int]]:
+    """(rows with any flag, rows per flag) of a batch's `flags` column, in Arrow: every caption passes here
+    on the one driver. A row holds each flag once (quality.caption_flags)."""
+    lengths = pc.fill_null(pc.list_value_length(flags), 0)
+    flagged = pc.sum(pc.greater(lengths, 0)).as_py() or 0
+    if not flagged:
+        return 0, {}
+    counts = pc.value_counts(pc.list_flatten(flags)).to_pylist()
+    return flagged, {c["values"]: c["counts"] for c in counts}
+
+
 class ProgressReporter:
     """Fed from the commit loop (`observe`); between `start` and `stop` a daemon thread logs the line every
     `every_s` seconds, so it also shows while nothing arrives (engine start-up, a stalled stage)."""
@@ -100,13 +115,17 @@ class ProgressReporter:
         self.committed = 0
         self.images = 0
         self.errors: Counter[str] = Counter()
+        self.flagged = 0  # rows with any quality flag
+        self.flags: Counter[str] = Counter()  # rows per flag ("name:flag" in multi-prompt mode)
         self.every_s = every_s
         self.metrics = metrics
         self.clock = clock
         self.gpus = gpus
         self.gpu_seconds = 0.0
         self.t0 = clock()
-        self.samples: deque[tuple[float, int]] = deque([(self.t0, 0)])
+        # (time, images so far) per batch, from the first batch on: the time before it is start-up
+        self.samples: deque[tuple[float, int]] = deque()
+        self.batches = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -120,9 +139,10 @@ class ProgressReporter:
                 planned = self.planned()[0]
             self.metrics.planned(planned, self.shards_total)
 
-    def planned(self) -> tuple[int, bool]:
+    def planned(self) -> tuple[int | None, bool]:
         """(images this attempt plans, whether that is an estimate). Unknown shards get the bytes per image
-        of shards of the same format whose count is known (any format when none is), else count as 0."""
+        of shards of the same format whose count is known (any format when none is); with no count known
+        at all there is nothing to estimate from: (None, True)."""
         per_byte: dict[str | None, list[int]] = {}
         for sid, n in self.counts.items():
             s = self.shards[sid]
@@ -140,6 +160,8 @@ class ProgressReporter:
                 if s.retry is not None and s.retry.start is not None:
                     n = max(0, n - s.retry.start) + len(s.retry.indices)
             total += max(0, n - self.done_before[sid])
+        if estimated and not per_byte:
+            return None, True
         return total, estimated
 
     def observe(self, batch: pa.Table, committed: int) -> None:
@@ -149,6 +171,7 @@ class ProgressReporter:
         rows = batch.filter(pc.invert(ends))
         kinds = Counter(rows.column("error_kind").to_pylist())
         cached = pc.sum(pc.fill_null(rows.column("cached"), False)).as_py() or 0
+        flagged, flags = _count_flags(rows.column("flags"))
         with self._lock:
             for r in batch.filter(ends).select(["shard_id", "shard_rows", "error_kind"]).to_pylist():
                 s = self.shards.get(r["shard_id"])
@@ -156,7 +179,11 @@ class ProgressReporter:
                     self.counts[s.shard_id] = len(s.expected(r["shard_rows"], r["error_kind"] is not None))
             self.images += len(rows)
             self.errors.update({k: c for k, c in kinds.items() if k})
-            self.samples.append((self.clock(), self.images))
+            self.flagged += flagged
+            self.flags.update(flags)
+            if len(rows):
+                self.samples.append((self.clock(), self.images))
+                self.batches += 1
         self.commits(committed)
         if self.metrics is not None:
             ok = kinds.pop(None, 0)
@@ -166,6 +193,8 @@ class ProgressReporter:
                 self.metrics.rows("cached", "", cached)
             for kind, n in kinds.items():
                 self.metrics.rows("failed", kind, n)
+            if flagged:
+                self.metrics.flagged(flagged, flags)
 
     def commits(self, committed: int) -> None:
         """Shards committed so far by this attempt (the output writes finish after their batch came in)."""
@@ -174,27 +203,39 @@ class ProgressReporter:
         if self.metrics is not None and new:
             self.metrics.committed(new)
 
+    def rate(self, now: float) -> tuple[float | None, float]:
+        """(images/s over the window, the window's length): since the first batch came back, the last
+        RATE_WINDOW_S at most; None until two batches are in. Call with the lock held."""
+        while len(self.samples) > 1 and self.samples[1][0] <= now - RATE_WINDOW_S:
+            self.samples.popleft()
+        if self.batches < 2 or now <= self.samples[0][0]:  # one batch alone is no rate; a stall is 0
+            return None, 0.0
+        t_first, n_first = self.samples[0]
+        return (self.images - n_first) / (now - t_first), now - t_first
+
     def line(self) -> str:
         with self._lock:
             now = self.clock()
-            while len(self.samples) > 1 and self.samples[1][0] <= now - RATE_WINDOW_S:
-                self.samples.popleft()
-            t_first, n_first = self.samples[0]
-            rate = (self.images - n_first) / (now - t_first) if now > t_first else 0.0
+            rate, span = self.rate(now)
             planned, estimated = self.planned()
             images, errors = self.images, sorted(self.errors.items(), key=lambda kv: -kv[1])
+            flagged, flags = self.flagged, self.flags.most_common(3)
             shards = self.shards_before + self.committed
         mark = "~" if estimated else ""
         share = f" ({min(100, 100 * images // planned)}%)" if planned else ""
-        left = planned - images
-        if left <= 0 and shards >= self.shards_total:
+        left = planned - images if planned is not None else None
+        if left is not None and left <= 0 and shards >= self.shards_total:
             eta = "done"
         else:
-            eta = mark + _duration(max(0, left) / rate) if rate > 0 else "?"
+            eta = mark + _duration(max(0, left) / rate) if rate and left is not None else "?"
+        speed = f"{rate:.1f} images/s (last {span:.0f}s)" if rate is not None else "? images/s"
+        total = "?" if planned is None else f"{mark}{planned:,}"
+        quality = (f"{flagged:,} (" + ", ".join(f"{k} {n:,}" for k, n in flags) + ")") if flagged else "none"
         return (
-            f"progress: {images:,}/{mark}{planned:,} images{share}, shards {shards}/{self.shards_total} "
-            f"committed, {rate:.1f} images/s (last {RATE_WINDOW_S:.0f}s), ETA {eta}, errors: "
+            f"progress: {images:,}/{total} images{share}, shards {shards}/{self.shards_total} committed, "
+            f"{speed}, ETA {eta}, errors: "
             + (", ".join(f"{k} {n:,}" for k, n in errors) if errors else "none")
+            + f", flagged: {quality}"
         )
 
     def _sample_gpus(self, fresh: bool = True) -> None:
@@ -221,6 +262,7 @@ class ProgressReporter:
 
     def start(self) -> None:
         self._gpu_t, self._gpus_last = self.clock(), 0.0
+        log.info("%s", self.line())  # at once: what is planned, before the engine's start-up
         self._thread = threading.Thread(target=self._loop, name="omnilmm-progress", daemon=True)
         self._thread.start()
 

@@ -47,9 +47,11 @@ def run_record(run_id: str, plan: dict | None, summary: dict | None, sealed: boo
         "ok": None,
         "errors": None,
         "cached": None,
+        "flagged": None,  # ok rows with a quality flag (they keep their caption)
         "images_per_s": None,
         "gpu_seconds": None,
         "error_kinds": {},
+        "flags": {},  # rows per quality flag, most frequent first
         "summary": None,
     }
     if summary is None:
@@ -61,12 +63,15 @@ def run_record(run_id: str, plan: dict | None, summary: dict | None, sealed: boo
     processed = sum(a.get("rows_processed") or 0 for a in attempts)
     end = _parse(summary.get("finished_at"))
     counts = summary.get("counts", {})
+    quality = summary.get("quality") or {}  # absent from summaries written before quality flags
     rec.update(
         duration_s=round((end - start).total_seconds(), 1) if end and start else round(wall, 1),
         images=summary.get("rows"),
         ok=counts.get("ok"),
         errors=counts.get("error"),
         cached=counts.get("cached"),
+        flagged=quality.get("flagged_rows"),
+        flags=dict(quality.get("by_flag", {})),
         images_per_s=round(processed / wall, 2) if wall > 0 else None,
         gpu_seconds=summary.get("gpu_seconds"),
         error_kinds={
@@ -112,7 +117,9 @@ def _num(v) -> str:
     return "-" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:,.1f}"
 
 
-COLUMNS = ("run", "start", "duration", "images", "ok", "errors", "cached", "images/s", "GPU-s", "status")
+COLUMNS = (
+    "run", "start", "duration", "images", "ok", "flagged", "errors", "cached", "images/s", "GPU-s", "status"
+)  # fmt: skip
 
 
 def format_text(records: list[dict], output: str) -> str:
@@ -123,6 +130,7 @@ def format_text(records: list[dict], output: str) -> str:
             _duration(r["duration_s"]),
             _num(r["images"]),
             _num(r["ok"]),
+            _num(r["flagged"]),
             _num(r["errors"]),
             _num(r["cached"]),
             _num(r["images_per_s"]),
@@ -138,4 +146,6 @@ def format_text(records: list[dict], output: str) -> str:
         for kind, v in r["error_kinds"].items():
             examples = ", ".join(v["examples"])
             lines.append(f"    {kind}: {v['count']:,}" + (f" (e.g. {examples})" if examples else ""))
+        if r.get("flags"):
+            lines.append("    flags: " + ", ".join(f"{k} {n:,}" for k, n in r["flags"].items()))
     return "\n".join(lines)

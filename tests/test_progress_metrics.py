@@ -75,7 +75,7 @@ def test_planned_counts_exact_where_cheap_estimated_for_tars_then_exact(tmp_path
     line = rep.line()
     assert line.startswith(f"progress: 20/{24 + len(by_fmt['files'].members)} images")
     assert "shards 2/4 committed" in line and "errors: decode_error 2" in line
-    assert "2.0 images/s (last 60s)" in line  # 20 images in 10 s
+    assert "1.2 images/s (last 10s)" in line  # 12 images in the 10 s since the first batch came back
     assert "ETA " in line and "~" not in line
 
 
@@ -89,6 +89,57 @@ def test_resumed_and_retried_shards_count_only_what_is_left(tmp_path):
     rep = ProgressReporter([whole, retried], counts, {whole.shard_id: {0, 1, 2, 3}}, 5, 7, every_s=30)
     assert rep.planned() == (6 + 5, False)  # 4 of the whole shard's rows are in part files already
     assert "shards 5/7 committed" in rep.line()
+
+
+def _parquet_shard(tmp_path, images: int):
+    build_samples(tmp_path, shards=1, per_shard=images)
+    (shard,) = plan_shards([str(tmp_path / "parquet")], InputConfig())
+    return shard
+
+
+def test_eta_uses_the_recent_rate_not_the_average_since_start_up(tmp_path):
+    shard = _parquet_shard(tmp_path, 10)
+    clock = Clock()
+    rep = ProgressReporter([shard], {shard.shard_id: 10_000}, {}, 0, 1, every_s=30, clock=clock)
+    clock.t += 40  # the engine's start-up: nothing comes back
+    assert rep.line().endswith("? images/s, ETA ?, errors: none, flagged: none")
+    rep.observe(_rows(shard.shard_id, list(range(50))), 0)  # the first batch
+    for i in range(5):  # then 10 images/s
+        clock.t += 1
+        if i == 0:  # one batch is no rate yet (not 0 images/s)
+            assert "? images/s, ETA ?" in rep.line()
+        rep.observe(_rows(shard.shard_id, list(range(50 + 10 * i, 60 + 10 * i))), 0)
+    line = rep.line()
+    assert line.startswith("progress: 100/10,000 images (1%)")
+    # 9,900 left at 10/s; the average since the start (100 in 45 s) would say 1h14m
+    assert "10.0 images/s (last 5s)" in line and "ETA 16m30s" in line, line
+
+    for i in range(120):  # two more actors: 30 images/s; the window forgets the slower minute
+        clock.t += 1
+        rep.observe(_rows(shard.shard_id, list(range(100 + 30 * i, 130 + 30 * i))), 0)
+    line = rep.line()
+    assert "30.0 images/s (last 60s)" in line and "ETA 3m30s" in line, line  # 6,300 left
+    clock.t += 90  # a stall
+    assert "0.0 images/s (last 90s), ETA ?" in rep.line()
+
+
+def test_first_line_at_start_shows_the_planned_shards_before_any_image_count(caplog, tmp_path):
+    build_samples(tmp_path, shards=3, per_shard=4)
+    shards = plan_shards([str(tmp_path / "webdataset")], InputConfig())
+    assert [s.format for s in shards] == ["tar"] * 3  # member counts are known only once read
+    clock = Clock()
+    rep = ProgressReporter(shards, plan_counts(shards), {}, 0, 3, every_s=3600, clock=clock)
+    assert rep.planned() == (None, True)
+    with caplog.at_level(logging.INFO, logger="omnilmm_ray"):
+        rep.start()
+        first = [r.message for r in caplog.records if r.message.startswith("progress:")]
+        rep.stop()
+    assert first == [
+        "progress: 0/? images, shards 0/3 committed, ? images/s, ETA ?, errors: none, flagged: none"
+    ]
+    rep.observe(pa.concat_tables([_rows(shards[0].shard_id, list(range(4))), _end(shards[0].shard_id, 4)]), 1)
+    # one tar read: the others are estimated from its bytes per image
+    assert re.match(r"progress: 4/~\d+ images \(\d+%\), shards 1/3 committed", rep.line()), rep.line()
 
 
 def test_progress_thread_logs_every_interval(caplog, tmp_path):
@@ -131,7 +182,8 @@ def test_fake_run_logs_progress_and_exports_metrics(ray_local, tmp_path, caplog,
         [(n, {"jpg": make()}) for n, (make, _) in hostile.CASES.items()],
     )
     job = tmp_path / "job.yaml"
-    job.write_text("report: {progress_s: 0.2}\nengine: {fake_delay_s: 0.2}\n")
+    # bad captions: the quality flags are exported too
+    job.write_text("report: {progress_s: 0.2}\nengine: {fake_delay_s: 0.2, fake_bad_captions: true}\n")
     with caplog.at_level(logging.INFO, logger="omnilmm_ray"):
         rc = cli.main(
             ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--engine", "fake"]
@@ -146,6 +198,8 @@ def test_fake_run_logs_progress_and_exports_metrics(ray_local, tmp_path, caplog,
     assert lines[-1].startswith(f"progress: {n}/{n} images (100%), shards {shards}/{shards} committed")
     bad = sorted((k, v["count"]) for k, v in summary["errors_by_kind"].items())
     assert bad and all(f"{k} {c}" in lines[-1] for k, c in bad)
+    flagged = summary["quality"]["flagged_rows"]
+    assert flagged and f"flagged: {flagged:,} (" in lines[-1]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("omnilmm_ray")]
     done = capsys.readouterr().out.strip().splitlines()[-1]
     assert done.startswith("done: ") and f"summary: {run}/_summary.json" in done
@@ -172,6 +226,11 @@ def test_fake_run_logs_progress_and_exports_metrics(ray_local, tmp_path, caplog,
     assert any('status="failed"' in tags and 'error_kind="not_an_image"' in tags for tags, _ in images)
     assert sum(v for _, v in series("ray_omnilmm_shards_committed_total")) >= shards
     assert any('kind="output"' in tags for tags, _ in series("ray_omnilmm_tokens_total"))
+    assert sum(v for _, v in series("ray_omnilmm_images_flagged_total")) >= flagged
+    by_flag = {
+        re.search(r'flag="([a-z_]+)"', t).group(1) for t, _ in series("ray_omnilmm_caption_flags_total")
+    }
+    assert set(summary["quality"]["by_flag"]) <= by_flag
 
 
 def test_grafana_dashboard_queries_only_emitted_metrics():

@@ -47,6 +47,7 @@ def test_report_lists_runs_with_counts_and_error_examples(ray_local, tmp_path, c
     for r, s in zip(runs, summaries):
         assert r["status"] == "sealed" and r["images"] == s["rows"] and r["ok"] == s["counts"]["ok"]
         assert r["errors"] == s["counts"]["error"] and r["cached"] == s["counts"]["cached"]
+        assert r["flagged"] == s["quality"]["flagged_rows"] and r["flags"] == s["quality"]["by_flag"]
         assert r["images_per_s"] > 0 and r["gpu_seconds"] == 0.0  # the fake engine holds no GPU
         assert r["duration_s"] > 0 and r["start"] < s["finished_at"]
         assert r["summary"] == f"{out}/run={r['run']}/_summary.json"
@@ -59,7 +60,7 @@ def test_report_lists_runs_with_counts_and_error_examples(ray_local, tmp_path, c
     assert cli.main(["report", "--output", str(out)]) == 0
     text = capsys.readouterr().out
     assert text.splitlines()[0].split() == [
-        "run", "start", "duration", "images", "ok", "errors", "cached", "images/s", "GPU-s", "status"
+        "run", "start", "duration", "images", "ok", "flagged", "errors", "cached", "images/s", "GPU-s", "status"
     ]  # fmt: skip
     assert runs[0]["run"] in text and runs[1]["run"] in text
     assert "not_an_image: 1 (e.g. " in text and "hostile.tar#not_image" in text
