@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(argv)
     except UsageError as e:
         return _last(_error(e), 2)
-    except KeyboardInterrupt as e:  # outside a run (report, latest, before Ray starts): nothing to resume
+    except KeyboardInterrupt as e:  # outside a run (report, latest, --print-config): nothing to resume
         return _last("interrupted; rerun the same command", getattr(e, "exit_code", 130))
     except SystemExit as e:
         if not e.code:
@@ -163,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             return _last("interrupted; rerun the same command to resume", 128 + signal.SIGTERM)
         code = e.code if isinstance(e.code, int) else 1
         return _last(f"error: exited with {e.code}", code)
-    except Exception as e:
-        traceback.print_exc()
+    except Exception as e:  # report, latest: outside the run's redacted output, so redacted here
+        print(redact.redact_text(traceback.format_exc()), file=sys.stderr, end="")
         return _last(_crash(e), 1)
     finally:
         for s, h in handlers.items():
