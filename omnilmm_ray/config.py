@@ -172,7 +172,9 @@ class EngineConfig(_Strict):
     @field_validator("model", "cache_dir")
     @classmethod
     def _no_credentials(cls, v: str | None) -> str | None:
-        _refuse_credentials(v, "the job's settings, which Ray's logs show", "a credentials file the nodes read")
+        _refuse_credentials(
+            v, "the job's settings, which Ray's logs show", "a credentials file the nodes read"
+        )
         return v
 
 
@@ -562,6 +564,17 @@ def generation_fingerprint(cfg: JobConfig) -> dict[str, Any]:
         # which rows get a second attempt, and with what: both decide the captions kept
         fp["quality_retry"] = cfg.quality.model_dump(exclude={"error_budget_flags"})
     return fp
+
+
+def fingerprint_prompts(fingerprint: dict[str, Any]) -> list[str]:
+    """The prompt names of a settings fingerprint (the output's per-prompt columns); [] for one prompt."""
+    return list(fingerprint.get("prompts") or ())
+
+
+def reuse_settings(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """What besides the rendered prompt must match for a caption to be reused: reuse looks captions up by
+    (image bytes, rendered prompt), so runs with other prompt texts still serve the prompts they share."""
+    return {k: v for k, v in fingerprint.items() if k not in ("prompt", "prompts")}
 
 
 # generation_fingerprint key -> the config field a user changes

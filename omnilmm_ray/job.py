@@ -33,6 +33,7 @@ from omnilmm_ray.gate import EngineNotStarted
 from omnilmm_ray.lease import Lease
 from omnilmm_ray.metrics import DriverMetrics
 from omnilmm_ray.progress import ProgressReporter, plan_counts
+from omnilmm_ray.prompts import TypoCheck, templates
 from omnilmm_ray.quality import quality_summary
 from omnilmm_ray.redact import redact_text
 from omnilmm_ray.reuse import build_index
@@ -258,7 +259,7 @@ def run_job(
             backend = preflight(cfg)  # nothing to caption, so no engine actor resolves the model
             table.write_plan(run)
             kill_point("plan")
-        reuse = table.reuse_index() if cfg.sink.reuse_captions and todo else None
+        reuse = table.reuse_index(cfg) if cfg.sink.reuse_captions and todo else None
         committer = ShardCommitter(
             run.uri,
             todo,
@@ -280,6 +281,7 @@ def run_job(
             gpus=None if cfg.engine.backend == "fake" else _gpus_in_use,
         )
         t0, processed = time.time(), 0
+        typos = TypoCheck(any(t.fields for t in templates(cfg.prompt, cfg.prompts).values()))
         if todo:
             from omnilmm_ray.pipeline import caption_batches
 
@@ -299,8 +301,13 @@ def run_job(
                     processed += sum(1 for e in batch.column("shard_rows").to_pylist() if e is None)
                     lease.ensure()  # stop at once; `add`'s writes check again right before they run
                     committer.add(batch)
+                    typos.observe(batch)
+                    if typo := typos.verdict(committer.committed):
+                        raise ConfigError(typo)
                     reporter.observe(batch, len(committer.committed))
                 committer.flush()  # starts no write; each checks the lease when it runs (its guard)
+                if typo := typos.verdict(committer.committed):  # shards committed by the flush
+                    raise ConfigError(typo)
                 reporter.commits(len(committer.committed))
             except Exception as e:
                 refused = _engine_refused(cfg, key, e)

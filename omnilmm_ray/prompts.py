@@ -123,3 +123,43 @@ def _value(field: str, sample: dict, metadata: dict | None) -> str:
             raise MissingField(field, f"{where} has no field {name!r}")
         v = v[name]
     return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+
+
+# Kinds of rows whose prompts rendered (the engine was asked, or would have been): their samples have the
+# template's fields. Rows failing before rendering (decode errors, ...) say nothing about the template.
+_RENDERED_KINDS = {None, "engine_error", "empty_caption", "engine_crash"}
+
+
+class TypoCheck:
+    """A template field that no sample of the first shard read has is a typo (`{metadata.tittle}`), not
+    data: the job stops with a config error before it seals rows that would all read `missing_prompt_field`.
+    A field missing from only some samples stays an error row for those.
+
+    Fed every batch the driver receives; decided by the first committed shard with a rendered or
+    missing-field row, and silent from then on."""
+
+    def __init__(self, active: bool):
+        self.tally: dict[str, list] = {} if active else None  # shard id -> [rendered, missing, an error]
+
+    def observe(self, batch) -> None:
+        if self.tally is None:
+            return
+        cols = batch.select(["shard_id", "shard_rows", "error_kind", "error", "source"]).to_pydict()
+        for sid, end, kind, err, src in zip(*cols.values()):
+            if end is None and (kind in _RENDERED_KINDS or kind == "missing_prompt_field"):
+                t = self.tally.setdefault(sid, [0, 0, None, src])
+                t[kind == "missing_prompt_field"] += 1
+                t[2] = t[2] or (err if kind == "missing_prompt_field" else None)
+
+    def verdict(self, committed: set[str]) -> str | None:
+        """The config error to stop with, once a committed shard decides; else None."""
+        for sid in committed & self.tally.keys() if self.tally else ():
+            rendered, missing, err, source = self.tally[sid]
+            self.tally = None
+            if rendered == 0 and missing:
+                return (
+                    f"prompt: none of the {missing} samples of the first shard read ({source}) has the field "
+                    f"the template names ({err}): a typo? Fix the template and rerun; nothing was sealed"
+                )
+            return None
+        return None

@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -30,6 +31,8 @@ from omnilmm_ray.sources import Shard
 from omnilmm_ray.storage import join
 
 log = logging.getLogger(__name__)
+# In-run duplicates served per engine actor: ~30 MB of (sha256, prompt, caption) at most.
+RECENT_CAPTIONS = 65_536
 
 
 def _ids(todo: list[tuple[dict, Image.Image, dict]]) -> list[str]:
@@ -200,6 +203,10 @@ class CaptionStage:
         self._active, self._alone = 0, False
         self.timer = StageTimer()
         self.metrics = EngineMetrics(cfg.report.metrics)
+        # Captions this actor made in this run by (sha256, rendered prompt): a duplicate image later in the
+        # night is served from here instead of the engine (bounded; earlier runs' captions: reuse.py).
+        self._recent: OrderedDict[tuple[str, str], Caption] = OrderedDict()
+        self._lock = threading.Lock()
         log.info(
             "engine actor ready in %.1fs (backend %s resolved after %.1fs)",
             time.monotonic() - t0,
@@ -236,6 +243,8 @@ class CaptionStage:
             if prompts is None:
                 continue
             served = _served(r, prompts)
+            with self._lock:  # this run already captioned the same bytes and prompt (an in-run duplicate)
+                served.update({n: c for n, p in prompts.items() if (c := self._recent.get((r["sha256"], p)))})
             for name, c in served.items():
                 _answer(r, name, prompts[name], c, self.cfg)
             r["cached"] = len(served) == len(prompts)
@@ -296,9 +305,28 @@ class CaptionStage:
         return captions
 
     def _call_engine(self, todo: list[tuple[dict, Image.Image, dict]]) -> None:
-        # every prompt of an image in the same engine call, the image decoded once
+        # every prompt of an image in the same engine call, the image decoded once; a (bytes, prompt) pair
+        # that repeats in the batch is asked once and its answer copied (`cached` on the copies)
         requests = [(r, name, p) for r, _, prompts in todo for name, p in prompts.items()]
         images = [im for _, im, prompts in todo for _ in prompts]
+        first: dict[tuple[str, str], int] = {}
+        for i, (r, _, p) in enumerate(requests):
+            first.setdefault((r["sha256"], p), i)
+        unique = sorted(first.values())
+        answers = dict(
+            zip(unique, self._answer_all([requests[i] for i in unique], [images[i] for i in unique]))
+        )
+        asked = set()  # rows with a prompt the engine answered for them, not for an earlier copy
+        for i, (r, name, p) in enumerate(requests):
+            j = first[(r["sha256"], p)]
+            _answer(r, name, p, *answers[j])
+            if i == j:
+                asked.add(id(r))
+        for r, _, _ in todo:
+            r["cached"] = r["cached"] or id(r) not in asked
+
+    def _answer_all(self, requests: list[Request], images: list) -> list[tuple]:
+        """The engine's answers to `requests` as `_answer` arguments after the row: (Caption, cfg, first)."""
         captions = self._engine(requests, images)
         firsts: list = [None] * len(requests)
         if self.retry_flags:
@@ -314,5 +342,11 @@ class CaptionStage:
                 )
                 for i, c in zip(again, retried):
                     captions[i] = c
-        for (r, name, p), c, first in zip(requests, captions, firsts):
-            _answer(r, name, p, c, self.cfg, first)
+        with self._lock:
+            for (r, _, p), c in zip(requests, captions):
+                if not c.error and (c.text or "").strip():
+                    self._recent[(r["sha256"], p)] = c
+                    self._recent.move_to_end((r["sha256"], p))
+            while len(self._recent) > RECENT_CAPTIONS:
+                self._recent.popitem(last=False)
+        return [(c, self.cfg, f) for c, f in zip(captions, firsts)]

@@ -27,7 +27,14 @@ from fsspec.implementations.local import LocalFileSystem
 
 from omnilmm_ray import schema
 from omnilmm_ray.commit import remove_files, shard_file
-from omnilmm_ray.config import ConfigError, JobConfig, fingerprint_diff, generation_fingerprint
+from omnilmm_ray.config import (
+    ConfigError,
+    JobConfig,
+    fingerprint_diff,
+    fingerprint_prompts,
+    generation_fingerprint,
+    reuse_settings,
+)
 from omnilmm_ray.listings import CoveredFiles, ListingWriter, key_range
 from omnilmm_ray.reuse import ReuseIndex, open_index
 from omnilmm_ray.schema import SHARD_KINDS
@@ -35,6 +42,7 @@ from omnilmm_ray.sources import Retry, Shard, iter_shards, load_listing
 from omnilmm_ray.storage import join, open_atomic, read_json, resolve, temp_files, write_json
 
 log = logging.getLogger(__name__)
+ABANDONED = "_ABANDONED.json"
 
 PROBE = "_probe-"  # the name of job.check_output's write test
 
@@ -46,6 +54,7 @@ class Run:
     shards: list[Shard]
     resumed: bool
     plan: dict | None = None  # a new run's plan, until written (OutputTable.write_plan)
+    abandons: str | None = None  # an unsealed run with other settings this one replaces (write_plan)
 
 
 class OutputTable:
@@ -120,15 +129,30 @@ class OutputTable:
         plans = {rid: self.plan_of(rid) for rid in ids}  # each read once: these are object-store GETs
         sealed = [rid for rid in ids if self.is_sealed(rid)]
         for rid, plan in plans.items():
-            if plan and plan["fingerprint"] != fp:
+            if plan and fingerprint_prompts(plan["fingerprint"]) != fingerprint_prompts(fp):
                 raise ConfigError(
-                    f"output: {self.uri} holds run {rid} made with other settings (earlier run -> this job: "
-                    f"{fingerprint_diff(plan['fingerprint'], fp)}); captions with different model/prompt/"
-                    "generation settings go to a new --output, or set those fields back"
+                    f"output: {self.uri} holds run {rid} with other prompt names (earlier run -> this job: "
+                    f"{fingerprint_diff(plan['fingerprint'], fp)}); the prompt names are the table's columns: "
+                    "keep them (a prompt's text, the model and generation settings may change), or write "
+                    "to a new --output"
                 )
+        abandoned = None
         if ids and ids[-1] not in sealed and plans[ids[-1]] is not None:
-            shards = [self.shard(s) for s in plans[ids[-1]]["shards"]]
-            return Run(ids[-1], self.run_uri(ids[-1]), shards, True)
+            if plans[ids[-1]]["fingerprint"] == fp:
+                shards = [self.shard(s) for s in plans[ids[-1]]["shards"]]
+                return Run(ids[-1], self.run_uri(ids[-1]), shards, True)
+            # The settings changed while a run was unfinished (e.g. a prompt typo stopped it): it will never
+            # be sealed, and this new run plans every image again with the new settings.
+            abandoned = ids[-1]
+            log.warning(
+                "run %s was not finished and used other settings (%s): a new run replaces it",
+                abandoned,
+                fingerprint_diff(plans[abandoned]["fingerprint"], fp),
+            )
+        # Only the sealed runs made with these settings since they were last changed count as done: after a
+        # change, every image present is planned again (reuse serves the pairs captioned before, any run).
+        other = [i for i, rid in enumerate(sealed) if plans[rid]["fingerprint"] != fp]
+        sealed = sealed[other[-1] + 1 :] if other else sealed
         done: dict[str, str] = {}  # tar/Parquet shard URI -> fingerprint: one per shard
         loose: list[list[Shard]] = []
         for rid in sealed:
@@ -159,7 +183,7 @@ class OutputTable:
             "inputs": cfg.inputs,
             "shards": [s.plan_entry() for s in shards],
         }
-        run = Run(rid, self.run_uri(rid), shards, False, plan)
+        run = Run(rid, self.run_uri(rid), shards, False, plan, abandons=abandoned)
         if write:
             self.write_plan(run)
         return run
@@ -168,6 +192,14 @@ class OutputTable:
         if run.plan is not None:
             write_json(self.fs, join(self._run_path(run.run_id), "_plan.json"), run.plan)
             run.plan = None
+        if run.abandons is not None:  # after the plan: a crash in between resumes this run, which rewrites it
+            marker = {"by": run.run_id, "reason": "settings changed before it was sealed"}
+            write_json(self.fs, join(self._run_path(run.abandons), ABANDONED), marker)
+            run.abandons = None
+
+    def abandoned(self, run_id: str) -> dict | None:
+        """Why an unsealed run will never be sealed (a later run with other settings replaced it), or None."""
+        return read_json(self.fs, join(self._run_path(run_id), ABANDONED))
 
     def _error_rows(self, rid: str, plan: dict, kinds: set[str]) -> dict[str, list[tuple[int, str]]]:
         """Shard id -> (sample_index, kind) of a sealed run's rows with an error of `kinds`."""
@@ -294,10 +326,15 @@ class OutputTable:
                 [("source", "ascending"), ("sample_index", "ascending")]
             )
 
-    def reuse_index(self) -> ReuseIndex | None:
-        """Captions of sealed runs by (sha256, prompt) (same settings: see open_run), or None when there
-        are none; indexes missing from runs sealed before they existed are built here, once."""
-        return open_index(self.uri, self.sealed_runs(), self.plan_of, self.opts)
+    def reuse_index(self, cfg: JobConfig | None = None) -> ReuseIndex | None:
+        """Captions of sealed runs by (sha256, rendered prompt), or None when there are none; with `cfg`, only
+        of the runs whose other settings (model, generation, ...) are this job's, in any earlier run. Indexes
+        missing from runs sealed before they existed are built here, once."""
+        runs = self.sealed_runs()
+        if cfg is not None:
+            want = reuse_settings(generation_fingerprint(cfg))
+            runs = [r for r in runs if reuse_settings(self.plan_of(r)["fingerprint"]) == want]
+        return open_index(self.uri, runs, self.plan_of, self.opts)
 
 
 def latest_to_parquet(output_uri: str, dest_uri: str, storage_options: dict | None = None) -> int:

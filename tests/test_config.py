@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from omnilmm_ray import cli
-from omnilmm_ray.config import ConfigError, generation_fingerprint, load_config
+from omnilmm_ray.config import ConfigError, JobConfig, generation_fingerprint, load_config
 from omnilmm_ray.storage import write_json
 from omnilmm_ray.table import OutputTable
 
@@ -75,9 +75,11 @@ def test_print_schema_prints_the_json_schema(capsys):
     assert "report" in schema["properties"] and "ReportConfig" in schema["$defs"]
 
 
-def test_settings_clash_names_the_differing_fields_and_both_values(tmp_path):
+def test_other_prompt_names_on_an_output_are_refused_naming_the_difference(tmp_path):
+    """A prompt's text, the model and generation settings may change on an output (test_settings_change.py);
+    the prompt names may not: they are the table's columns."""
     out = tmp_path / "out"
-    earlier = load_config(None, {"input": ["a"], "output": str(out), "prompt": "Describe it."})
+    earlier = JobConfig(inputs=["a"], output=str(out), prompts={"alt": "Alt text."})
     table = OutputTable(str(out))
     write_json(
         table.fs,
@@ -90,6 +92,9 @@ def test_settings_clash_names_the_differing_fields_and_both_values(tmp_path):
     with pytest.raises(ConfigError) as e:
         table.open_run(now, write=False)
     msg = str(e.value)
-    assert "prompt: 'Describe it.' -> 'Say what you see.'" in msg
+    assert "other prompt names" in msg and "prompts.alt: 'Alt text.' -> None" in msg
     assert "generation.max_new_tokens: 96 -> 7" in msg
     assert "temperature" not in msg and "engine.model" not in msg  # unchanged settings are not listed
+    renamed = JobConfig(inputs=["a"], output=str(out), prompts={"short": "Alt text."})
+    with pytest.raises(ConfigError, match="other prompt names"):
+        table.open_run(renamed, write=False)

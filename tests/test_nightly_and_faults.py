@@ -94,21 +94,6 @@ def test_nightly_reads_only_new_or_changed_shards_and_reuses_known_bytes(ray_loc
     assert table.plan_of(table.sealed_runs()[-1])["shards"] == [] and calls.read_text() == ""
 
 
-def test_other_settings_go_to_another_output(ray_local, tmp_path, capsys):
-    build_samples(tmp_path / "in", shards=1, per_shard=2)
-    args = [
-        "--input",
-        str(tmp_path / "in" / "webdataset"),
-        "--output",
-        str(tmp_path / "out"),
-        "--engine",
-        "fake",
-    ]
-    assert cli.main(args) == 0
-    assert cli.main([*args, "--prompt", "Another prompt."]) == 2
-    assert "go to a new --output" in capsys.readouterr().err
-
-
 def _put(s3, local, bucket):
     s3.mkdir(bucket)
     s3.put(str(local) + "/", f"{bucket}/in/", recursive=True)
