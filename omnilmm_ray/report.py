@@ -92,14 +92,12 @@ def history(output: str, storage_options: dict | None = None) -> list[dict]:
         plan = read_json(table.fs, join(path, "_plan.json"))
         if plan is None:  # a job killed inside a run's first write left no run (the next job tidies up)
             return None
-        rec = run_record(
-            rid,
-            plan,
-            read_json(table.fs, join(path, "_summary.json")),
-            table.fs.exists(join(path, "_SUCCESS")),
-        )
+        sealed = table.fs.exists(join(path, "_SUCCESS"))
+        rec = run_record(rid, plan, read_json(table.fs, join(path, "_summary.json")), sealed)
         if rec["images"] is not None:
             rec["summary"] = join(table.run_uri(rid), "_summary.json")
+        if not sealed and (gone := table.abandoned(rid)):
+            rec["status"] = f"abandoned: {gone['reason']} (replaced by run {gone['by']})"
         return rec
 
     with ThreadPoolExecutor(8) as pool:

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from omnilmm_ray import cli
+from omnilmm_ray.report import history
 from omnilmm_ray.samples import draw, encode, write_tar
 from omnilmm_ray.table import ABANDONED, OutputTable
 
@@ -80,6 +81,8 @@ def test_a_template_field_no_sample_of_the_first_shard_has_is_a_typo(ray_local, 
     assert all(r["error"] is None for r in rows)
     assert table.abandoned(typo_run)["by"] == table.sealed_runs()[-1]
     assert (tmp_path / "out" / f"run={typo_run}" / ABANDONED).exists()
+    (record,) = [r for r in history(str(tmp_path / "out")) if r["run"] == typo_run]
+    assert record["status"].startswith("abandoned: settings changed")
 
 
 def test_a_field_some_samples_lack_stays_an_error_row_until_the_settings_change(ray_local, tmp_path):
