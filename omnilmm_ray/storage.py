@@ -73,8 +73,16 @@ def open_atomic(fs: fsspec.AbstractFileSystem, path: str):
     """A file to stream into that readers see whole or not at all (see write_bytes_atomic): a temporary name
     and a rename locally; on object stores the upload completes only when the file is closed."""
     if not isinstance(fs, LocalFileSystem):
-        with fs.open(path, "wb") as f:
+        f = fs.open(path, "wb")
+        try:
             yield f
+        except BaseException:
+            # fsspec's `with` would close, and so publish, what was written before the error (its
+            # AbstractBufferedFile.__exit__ always calls close()); discard aborts the upload instead.
+            f.discard()
+            f.closed = True  # nor may garbage collection close it (AbstractBufferedFile.__del__)
+            raise
+        f.close()
         return
     fs.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{os.path.dirname(path)}/{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}"
