@@ -197,7 +197,8 @@ def _main(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     connected = False
     try:
-        cfg = load_config(args.config, overrides)
+        # a dry run without --input and --output checks the model alone (job.run_job)
+        cfg = load_config(args.config, overrides, require_io=not args.dry_run)
         redact.register(redact.option_secrets(cfg.input.storage_options))
         redact.register(redact.option_secrets(cfg.sink.storage_options))
         if args.dry_run:

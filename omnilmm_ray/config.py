@@ -162,6 +162,11 @@ class EngineConfig(_Strict):
         description="Fake engine only (drills): refuse the model with this reason, as lmdeploy refuses a model "
         "no backend serves.",
     )
+    fake_blind: bool = Field(
+        False,
+        description="Fake engine only (drills): take images and ignore their pixels, as lmdeploy 0.18's "
+        "PyTorch engine does with MiniCPM-V; the engine's image check (engines/sight.py) refuses it.",
+    )
     fake_bad_captions: bool = Field(
         False,
         description="Fake engine only (quality drills): most images get a known-bad caption (repetition, "

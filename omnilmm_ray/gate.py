@@ -2,18 +2,23 @@
 
 Resolving the backend needs lmdeploy imported on a GPU worker, which is what an engine actor's start does
 anyway. So instead of a separate GPU task before the pipeline (one more process paying lmdeploy's import
-and CUDA set-up, ~17 s on an H200 host), the pipeline starts at once and the first actor to resolve the
-backend opens the gate (or shuts it with the reason). Ray Data launches the read tasks beside the actors'
-start; they wait here, so no shard is read before the answer, and then read and decode while the engine
-builds (the backend is known ~2.5 s before a TurboMind engine is). The CPU stages learn from the answer
-whether the backend takes patches (`TAKES_PATCHES`). A read task that waits longer than
-`engine.start_timeout_s` fails the job with `EngineNotStarted` (no actor could be placed, or none started).
-A model that no engine serves therefore fails the job before any shard is read with the actor's reason,
-and the plan is written only after the gate opened (job.py), so such a job leaves no run behind.
+and CUDA set-up, ~17 s on an H200 host), the pipeline starts at once and the first actor to get its answer
+opens the gate (or shuts it with the reason). Ray Data launches the read tasks beside the actors' start;
+they wait here, so no shard is read before the answer. The answer is given once the engine has shown that
+it captions from the image (engines/sight.py): a model whose engine drops images is refused like a model
+no engine serves. For a family this project's GPU tests ran with the same lmdeploy (models.Route.proven)
+the gate opens as soon as the backend is resolved, so the first batch is read and decoded while the engine
+builds (the backend is known ~2.5 s before a TurboMind engine is); should such an engine still fail the
+image check, the gate is shut after all and the job fails the same way before any row is committed. The
+CPU stages learn from the answer whether the backend takes patches (models.PATCH_BACKENDS). A read task
+that waits longer than `engine.start_timeout_s` fails the job with `EngineNotStarted` (no actor could be
+placed, or none started). A refused model therefore fails the job with the actor's reason, and the plan
+is written only after rows came back (job.py), so such a job leaves no run behind.
 
 The answer lives in Ray's GCS key-value store (beside the flight records) under a key made for one
 pipeline (`new_key`), so a second pipeline in the same driver (the Python API) never sees an earlier answer;
-the driver drops it when the pipeline ends.
+the driver drops it when the pipeline ends. A refusal is kept under a key of its own, so an actor that
+opens the gate later never hides it.
 """
 
 from __future__ import annotations
@@ -24,11 +29,9 @@ import uuid
 
 from omnilmm_ray.faults import _LocalKV, _ray_context, _RayKV
 
-# Backends whose engine actor takes the model's patches from the CPU workers (vision.py) instead of images.
-TAKES_PATCHES = ("turbomind", "fake")
-
 _local = _LocalKV()  # a stage called without Ray (unit tests): one process
 _opened: dict[str, str] = {}  # per worker process: an open gate is never asked again
+_REFUSED = "/refused"
 
 
 class EngineRefused(ValueError):
@@ -58,16 +61,17 @@ def open_gate(key: str, backend: str) -> None:
 
 
 def shut_gate(key: str, reason: str) -> None:
-    _kv().put(key, json.dumps({"error": reason}).encode())
+    _kv().put(key + _REFUSED, json.dumps({"error": reason}).encode())
 
 
 def clear(key: str) -> None:
-    _kv().delete(key)
+    _kv().delete(key, by_prefix=True)
 
 
 def peek(key: str) -> dict | None:
-    """The gate's state: {"backend": ...}, {"error": ...}, or None while undecided."""
-    v = _kv().get(key)
+    """The gate's state: {"error": ...} once any actor refused, else {"backend": ...}, or None while
+    undecided."""
+    v = _kv().get(key + _REFUSED) or _kv().get(key)
     return json.loads(v) if v else None
 
 

@@ -148,19 +148,39 @@ def _engine_refused(cfg: JobConfig, key: str, e: BaseException | None) -> str | 
 
 
 def processor_offload(cfg: JobConfig):
-    """The model's image processor to run on the CPU workers (vision.py), for a backend that may take it
-    (whether the resolved backend does is decided in the stages, gate.TAKES_PATCHES)."""
-    if not cfg.preprocess.offload_processor or cfg.engine.backend == "pytorch":
+    """The model's image processor to run on the CPU workers (models.cpu_processor), or None; an engine
+    actor takes the patches only when the backend it resolves is one of models.PATCH_BACKENDS."""
+    if not cfg.preprocess.offload_processor:
         return None
-    from omnilmm_ray.vision import load_spec
+    from omnilmm_ray.models import cpu_processor
 
-    spec = load_spec(cfg.engine.model)
+    spec = cpu_processor(cfg.engine.model, cfg.engine.backend)
     if spec is not None:
         log.info("preprocess: %s's image processor runs on the CPU workers (%s)", cfg.engine.model, spec.arch)
     return spec
 
 
 def _gpus_in_use() -> float:
+def describe_model(cfg: JobConfig) -> dict:
+    """The dry run's model check, without lmdeploy (models.py's table); a model no engine captions from
+    the image is a ConfigError (exit 2)."""
+    from omnilmm_ray.models import Refused, check
+
+    try:
+        model = check(cfg.engine.model, cfg.engine.backend)
+    except Refused as e:
+        raise ConfigError(str(e)) from None
+    if "processor_on_cpu_workers" in model and not cfg.preprocess.offload_processor:
+        model["processor_on_cpu_workers"] = False
+    return model
+
+
+def _not_set(cfg: JobConfig) -> list[str]:
+    """The fields not given ("inputs", "output"): config.load_config(require_io=False) filled them in."""
+    given = {"inputs": cfg.inputs[0] if cfg.inputs else "<not set", "output": cfg.output}
+    return [k for k, v in given.items() if v.startswith("<not set")]
+
+
     """GPUs held on the cluster now: on the job's own Ray cluster (a RayJob's), its engine actors'."""
     import ray
 
@@ -225,8 +245,17 @@ def run_job(
     """`table`: from `precheck`, when the entrypoint ran it; `wait_for_gpus`: see `require_gpus`."""
     if dry_run:
         table = check_output(cfg, write=False)
+        model = describe_model(cfg)
+        missing = _not_set(cfg)
+        if len(missing) == 2:  # `--dry-run --model X` alone checks the model (a Ray head without lmdeploy)
+            return {"dry_run": {"model": model}}
+        if missing:
+            flag = "--input" if missing[0] == "inputs" else "--output"
+            raise ConfigError(f"{missing[0]}: missing; pass {flag} or set '{missing[0]}' in the config file")
         with storage_access("inputs", cfg.inputs):  # the output answered: a storage error is the inputs'
-            return {"dry_run": describe(cfg, table.open_run(cfg, write=False, listings=False))}
+            return {
+                "dry_run": {**describe(cfg, table.open_run(cfg, write=False, listings=False)), "model": model}
+            }
     table = table or check_output(cfg)
     require_gpus(cfg, wait_for_gpus)
     with Lease(cfg.output, cfg.sink.lock_ttl_s, cfg.sink.storage_options) as lease:

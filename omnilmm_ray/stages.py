@@ -20,9 +20,10 @@ from PIL import Image
 
 from omnilmm_ray import gate, schema
 from omnilmm_ray.config import JobConfig, PreprocessConfig
-from omnilmm_ray.engines import Caption, EngineDied, Prepared, make_engine, resolve_backend
+from omnilmm_ray.engines import Caption, EngineDied, Prepared, make_engine, resolve
 from omnilmm_ray.faults import FlightRecorder
 from omnilmm_ray.metrics import EngineMetrics
+from omnilmm_ray.models import PATCH_BACKENDS
 from omnilmm_ray.preprocess import binary_views, pixels_to_image, preprocess_batch
 from omnilmm_ray.prompts import render_row, templates
 from omnilmm_ray.quality import caption_flags
@@ -56,7 +57,7 @@ def preprocess_stage(
     batch: pa.Table, cfg: PreprocessConfig, vision=None, gate_key: str | None = None
 ) -> pa.Table:
     """`vision` is used only when the resolved backend takes patches (the gate is open: reads waited)."""
-    takes_patches = vision is not None and (not gate_key or gate.wait_open(gate_key, 0) in gate.TAKES_PATCHES)
+    takes_patches = vision is not None and (not gate_key or gate.wait_open(gate_key, 0) in PATCH_BACKENDS)
     return preprocess_batch(batch, cfg, vision if takes_patches else None)
 
 
@@ -168,7 +169,8 @@ class CaptionStage:
 
     def __init__(self, cfg: JobConfig, run_uri: str, vision=None, gate_key: str | None = None):
         """`run_uri`: where the fake engine's crash drill leaves its marker ("" outside a job);
-        `gate_key`: the gate (gate.py) this actor opens once it resolved the model's backend."""
+        `gate_key`: the gate (gate.py) this actor opens once its engine captions from the image (at once
+        for a family proven so on a GPU), or shuts with the reason."""
         t0 = time.monotonic()
         pkg = logging.getLogger("omnilmm_ray")
         if not pkg.handlers:  # Ray workers leave the root logger at WARNING: show this actor's INFO lines
@@ -177,12 +179,13 @@ class CaptionStage:
             pkg.addHandler(handler)
             pkg.setLevel(logging.INFO)
         try:
-            backend = resolve_backend(cfg.engine)
+            route = resolve(cfg.engine)
         except ValueError as e:
             if gate_key:  # the driver fails the job with this reason; no shard was read
                 gate.shut_gate(gate_key, str(e))
             raise
-        if gate_key:
+        backend = route.backend
+        if gate_key and route.proven:  # seen to caption from the image on a GPU: read while the engine builds
             gate.open_gate(gate_key, backend)
         resolved_s = time.monotonic() - t0
         self.cfg = cfg
@@ -191,11 +194,18 @@ class CaptionStage:
         self.retry_flags = set(cfg.quality.retry_flags)
         self.retry_gen = cfg.quality.retry_config(cfg.generation) if self.retry_flags else None
         # vision.VisionSpec: pixels arrive as the model's patches (preprocess_stage), if this backend takes them
-        self.vision = vision if backend in gate.TAKES_PATCHES else None
+        self.vision = vision if backend in PATCH_BACKENDS else None
         # What besides the image bytes determines the patches: fixed for the job, so built once, not per image.
         self._fingerprint_settings = f"|{cfg.preprocess.max_side}|{vision}"
         marker = join(run_uri, "_drill_crashed") if run_uri else None
-        self.engine = make_engine(cfg.engine, cfg.generation, crash_marker=marker, backend=backend)
+        try:  # the engine checks that it captions from the image (engines/sight.py)
+            self.engine = make_engine(cfg.engine, cfg.generation, crash_marker=marker, backend=backend)
+        except ValueError as e:
+            if gate_key:
+                gate.shut_gate(gate_key, str(e))
+            raise
+        if gate_key and not route.proven:
+            gate.open_gate(gate_key, backend)
         self.flight = FlightRecorder()
         # Image-by-image retries run alone in the actor (scale.concurrent_batches > 1): a death during one
         # must be that image's alone, or an innocent image retried beside the culprit is counted too.

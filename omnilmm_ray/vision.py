@@ -3,17 +3,17 @@
 lmdeploy runs a VLM's Hugging Face image processor inside the engine process, on one thread, for every
 request; with TurboMind it also hashes each image's float32 patches on the engine's event-loop thread. At
 a few hundred images/s per GPU that Python work competes with the loop that feeds the GPU (measured:
-bench/results/engine-profile-*.json). For the Qwen2-VL family the processor is simple and fully described
-by its `preprocessor_config.json`, so the CPU workers compute it here, bit-exact in layout and within
-bfloat16 rounding in value, and the engine actor hands the result to lmdeploy untouched
-(engines/lmdeploy_engine.py). Other architectures keep lmdeploy's own processor.
+bench/results/engine-profile-*.json). For the Qwen2-VL family (Qwen2-VL, Qwen2.5-VL: the same
+Qwen2VLImageProcessor) the processor is simple and fully described by its `preprocessor_config.json`, so the
+CPU workers compute it here, bit-exact in layout and within bfloat16 rounding in value, and the engine actor
+hands the result to lmdeploy untouched (engines/lmdeploy_engine.py). Which models use which processor is
+decided in models.py (`PROCESSORS` names them); other families keep lmdeploy's own processor.
 
 Pure numpy: no torch or transformers on the CPU workers.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,10 +21,6 @@ from PIL import Image
 
 from omnilmm_ray.preprocess import smart_resize
 
-log = logging.getLogger(__name__)
-
-# Architectures whose TurboMind path takes Qwen2-VL-style patches (lmdeploy 0.18 `vl/model/qwen2.py`).
-QWEN2_VL_ARCHS = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -58,19 +54,16 @@ class VisionSpec:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def spec_from_files(config: dict, processor: dict) -> VisionSpec | None:
-    """The model's config.json and preprocessor_config.json -> a spec, or None when this module does not
-    know its processor (the engine then runs the model's own)."""
-    arch = (config.get("architectures") or [""])[0]
-    if arch not in QWEN2_VL_ARCHS:
-        return None
+def qwen2_vl_spec(arch: str, processor: dict) -> VisionSpec | None:
+    """A Qwen2-VL-family preprocessor_config.json -> a spec, or None when it is configured differently from
+    the processor reproduced here (the engine then runs the model's own)."""
     size = processor.get("size") or {}
     min_pixels = processor.get("min_pixels") or size.get("shortest_edge")
     max_pixels = processor.get("max_pixels") or size.get("longest_edge")
     if not (min_pixels and max_pixels):
         return None
     if not all(processor.get(k, True) for k in ("do_resize", "do_rescale", "do_normalize")):
-        return None  # a processor configured differently from the one reproduced here
+        return None
     return VisionSpec(
         arch=arch,
         min_pixels=int(min_pixels),
@@ -84,21 +77,8 @@ def spec_from_files(config: dict, processor: dict) -> VisionSpec | None:
     )
 
 
-def load_spec(model: str) -> VisionSpec | None:
-    """Read the model's processor settings from a local folder (or any fsspec URI); None when they cannot be
-    read here (a hub id on a driver without the files): the engine then runs the model's own processor."""
-    from omnilmm_ray.storage import join, read_json, resolve
-
-    try:
-        fs, path = resolve(model)
-        config = read_json(fs, join(path, "config.json"))
-        processor = read_json(fs, join(path, "preprocessor_config.json"))
-    except Exception as e:  # a hub id, no credentials: fall back to the engine's processor
-        log.info("vision: cannot read %s's processor config here (%s); the engine runs it", model, e)
-        return None
-    if not config or not processor:
-        return None
-    return spec_from_files(config, processor)
+# models.Family.processor -> (architecture, preprocessor_config.json) -> VisionSpec | None
+PROCESSORS = {"qwen2_vl": qwen2_vl_spec}
 
 
 def _bf16_bits(x: np.ndarray) -> np.ndarray:

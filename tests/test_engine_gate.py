@@ -4,6 +4,8 @@ import pytest
 
 from omnilmm_ray import gate
 from omnilmm_ray.config import ConfigError, JobConfig
+from omnilmm_ray.engines import Caption
+from omnilmm_ray.engines.sight import ImageBlind, check_sight
 from omnilmm_ray.job import run_job
 from omnilmm_ray.samples import build_samples
 from omnilmm_ray.stages import CaptionStage
@@ -16,27 +18,42 @@ def _shard_gets(proxy: FaultyProxy) -> list[str]:
     return [path for method, path in proxy.requests if method == "GET" and ".tar" in path]
 
 
-def test_a_model_no_engine_serves_fails_before_any_shard_is_read(ray_local, s3, s3_endpoint, tmp_path):
+@pytest.mark.parametrize(
+    "drill, reason",
+    [
+        ({"fake_refuse": "not a vision-language model lmdeploy can serve"}, "not a vision-language model"),
+        # an engine that takes images and ignores their pixels (lmdeploy 0.18's PyTorch engine on MiniCPM-V)
+        (
+            {"fake_blind": True},
+            "not captioned from the image by the fake engine: 4 different images get the same answer; use a",
+        ),
+    ],
+)
+def test_a_model_no_engine_serves_fails_before_any_shard_is_read(
+    ray_local, s3, s3_endpoint, tmp_path, drill, reason
+):
     build_samples(tmp_path / "in", shards=2, per_shard=3)
-    s3.mkdir("gate-in")
-    s3.put(str(tmp_path / "in") + "/", "gate-in/in/", recursive=True)
+    bucket = "gate-" + next(iter(drill)).replace("_", "-")  # one bucket per drill
+    s3.mkdir(bucket)
+    s3.put(str(tmp_path / "in") + "/", f"{bucket}/in/", recursive=True)
     out = tmp_path / "out"
     with FaultyProxy(s3_endpoint) as proxy:
         cfg = JobConfig(
-            inputs=["s3://gate-in/in/webdataset"],
+            inputs=[f"s3://{bucket}/in/webdataset"],
             output=str(out),
             input={"storage_options": {"endpoint_url": proxy.url}},
-            engine={"backend": "fake", "fake_refuse": "not a vision-language model lmdeploy can serve"},
+            engine={"backend": "fake", **drill},
         )
-        with pytest.raises(ConfigError, match="engine.model: .*not a vision-language model"):
+        with pytest.raises(ConfigError, match=f"engine.model: .*{reason}") as refused:
             run_job(cfg)
+        assert "\n" not in str(refused.value)
         assert proxy.requests, "the shards were listed through the proxy"
         assert _shard_gets(proxy) == []
         assert not list(out.glob("run=*")), "a refused model leaves no run behind"
 
         # the same job with a model the engine serves reads them and writes the plan once rows come back
         summary = run_job(
-            cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"fake_refuse": None})})
+            cfg.model_copy(update={"engine": cfg.engine.model_copy(update={k: None for k in drill})})
         )
         assert summary["rows"] == 6 and len(_shard_gets(proxy)) >= 2
         assert summary["this_attempt"]["backend"] == "fake"
@@ -87,3 +104,46 @@ def test_a_refused_model_on_a_run_with_nothing_to_caption_is_a_config_error(ray_
     with pytest.raises(ConfigError, match="engine.model: .*not served"):
         run_job(refused)
     assert sorted((tmp_path / "out").glob("run=*")) == runs, "a refused model leaves no run behind"
+
+
+class _Stub:
+    """An engine that answers the image check (engines/sight.py) as told."""
+
+    def __init__(self, image_tokens: int, sees: bool):
+        self.image_tokens, self.sees = image_tokens, sees
+
+    def caption(self, prompts, images, gen=None):
+        (im,) = images
+        text = "same" if im is None or not self.sees else str(im.getpixel((5, 5)))
+        return [Caption(text, 6 + (0 if im is None else self.image_tokens), 16, "length")]
+
+
+def test_the_image_check_refuses_an_engine_that_does_not_caption_from_the_image():
+    found = check_sight(_Stub(64, sees=True), "m", "lmdeploy X's turbomind engine")
+    assert found == {"image_tokens_added": [64] * 4, "distinct_answers": 4, "of": 4}
+    # the image's placeholder tokens reach the prompt, its pixels do not (MiniCPM-V on the PyTorch engine)
+    with pytest.raises(
+        ImageBlind, match="'m' is not captioned from the image by lmdeploy X's pytorch engine: 4"
+    ):
+        check_sight(_Stub(64, sees=False), "m", "lmdeploy X's pytorch engine")
+    # no image tokens at all
+    with pytest.raises(ImageBlind, match="an image adds 0 input tokens to the prompt and 4 different"):
+        check_sight(_Stub(0, sees=False), "m", "e")
+
+
+def test_a_refusal_stays_when_another_actor_opens_the_gate(tmp_path):
+    """An actor of a family proven on a GPU opens the gate before its engine is built; one whose image check
+    then fails shuts it, and no later open hides that (the driver reports the refusal)."""
+    key = gate.new_key()
+    gate.open_gate(key, "turbomind")
+    gate.shut_gate(key, "engine.model: 'm' is not captioned from the image")
+    gate.open_gate(key, "turbomind")
+    assert gate.peek(key) == {"error": "engine.model: 'm' is not captioned from the image"}
+    gate.clear(key)
+    assert gate.peek(key) is None
+    blind = JobConfig(inputs=["x"], output=str(tmp_path), engine={"backend": "fake", "fake_blind": True})
+    key2 = gate.new_key()
+    with pytest.raises(ImageBlind):
+        CaptionStage(blind, str(tmp_path), gate_key=key2)
+    with pytest.raises(gate.EngineRefused, match="not captioned from the image"):
+        gate.wait_open(key2, 0)

@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 
 from omnilmm_ray import cli
+from omnilmm_ray.models import cpu_processor
 from omnilmm_ray.preprocess import smart_resize
 from omnilmm_ray.samples import build_samples
-from omnilmm_ray.vision import VisionSpec, load_spec, patches, spec_from_files
+from omnilmm_ray.vision import VisionSpec, patches, qwen2_vl_spec
 
 QWEN2_CONFIG = {"architectures": ["Qwen2VLForConditionalGeneration"]}
 # Qwen2-VL-2B-Instruct's published preprocessor_config.json
@@ -36,24 +37,24 @@ def test_smart_resize_matches_qwen2_vl_rounding():
     assert w % 28 == 0 and h == 28
 
 
-def test_spec_from_model_files():
-    spec = spec_from_files(QWEN2_CONFIG, QWEN2_PROCESSOR)
+def test_spec_from_the_processor_config():
+    spec = qwen2_vl_spec("Qwen2VLForConditionalGeneration", QWEN2_PROCESSOR)
     assert spec.min_pixels == 3136 and spec.max_pixels == 12845056 and spec.factor == 28
     assert spec.patch_dim == 1176
     # transformers 5 writes the budget as `size`
     tf5 = {k: v for k, v in QWEN2_PROCESSOR.items() if "pixels" not in k}
     tf5["size"] = {"shortest_edge": 3136, "longest_edge": 200704}
-    assert spec_from_files(QWEN2_CONFIG, tf5).max_pixels == 200704
-    assert spec_from_files({"architectures": ["LlavaForConditionalGeneration"]}, QWEN2_PROCESSOR) is None
-    assert spec_from_files(QWEN2_CONFIG, {**QWEN2_PROCESSOR, "do_normalize": False}) is None
+    assert qwen2_vl_spec("Qwen2VLForConditionalGeneration", tf5).max_pixels == 200704
+    assert qwen2_vl_spec("Qwen2VLForConditionalGeneration", {**QWEN2_PROCESSOR, "do_normalize": False}) is None
 
 
-def test_load_spec_reads_a_model_folder(tmp_path):
+def test_the_processor_is_read_from_a_model_folder(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(QWEN2_CONFIG))
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(QWEN2_PROCESSOR))
-    assert load_spec(str(tmp_path)).arch == "Qwen2VLForConditionalGeneration"
-    assert load_spec(str(tmp_path / "missing")) is None
-    assert load_spec("Qwen/Qwen2-VL-2B-Instruct") is None  # a hub id the driver has no files for
+    assert cpu_processor(str(tmp_path)).arch == "Qwen2VLForConditionalGeneration"
+    assert cpu_processor(str(tmp_path), "pytorch") is None  # the PyTorch engine runs its own
+    assert cpu_processor(str(tmp_path / "missing")) is None
+    assert cpu_processor("Qwen/Qwen2-VL-2B-Instruct") is None  # a hub id the driver has no files for
 
 
 def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:

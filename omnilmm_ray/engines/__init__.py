@@ -1,8 +1,9 @@
 """The engine interface: a batch of (prompt, image) pairs in, one Caption per pair out.
 
 `prompts` is one prompt for every image, or one per image (multi-prompt mode repeats an image once per
-prompt, and templates render a prompt per sample). `gen` replaces the engine's generation settings for this
-call (the quality retry); None keeps the ones it was built with.
+prompt, and templates render a prompt per sample); an image None asks with the text alone (sight.py).
+`gen` replaces the engine's generation settings for this call (the quality retry); None keeps the ones it
+was built with. Every engine checks when it is built that it captions from the image (sight.py).
 
 Backends are imported lazily so the driver and CPU workers never import lmdeploy or torch.
 """
@@ -15,6 +16,7 @@ from typing import Protocol
 from PIL import Image
 
 from omnilmm_ray.config import EngineConfig, GenerationConfig
+from omnilmm_ray.models import Route
 
 
 @dataclass
@@ -50,7 +52,7 @@ class Engine(Protocol):
     def caption(
         self,
         prompts: str | list[str],
-        images: list[Image.Image | Prepared],
+        images: list[Image.Image | Prepared | None],
         gen: GenerationConfig | None = None,
     ) -> list[Caption]: ...
 
@@ -64,17 +66,22 @@ def per_image(prompts: str | list[str], n: int) -> list[str]:
     return list(prompts)
 
 
-def resolve_backend(cfg: EngineConfig) -> str:
-    """The backend that serves `cfg.model`; raises ValueError naming the field when none can.
+def resolve(cfg: EngineConfig) -> Route:
+    """How `cfg.model` is served (models.Route: backend, family, ...); raises ValueError naming the field
+    when no engine captions it from the image.
 
     Reads only the model's config, no weights: cheap once the backend's package is imported."""
     if cfg.backend == "fake":
         if cfg.fake_refuse:
             raise ValueError(f"engine.model: {cfg.model!r}: {cfg.fake_refuse}")
-        return "fake"
-    from omnilmm_ray.engines.lmdeploy_engine import resolve_backend as resolve_lmdeploy
+        return Route(cfg.model, "", None, "fake", None, None, None, "fake")
+    from omnilmm_ray.engines.lmdeploy_engine import resolve as resolve_lmdeploy
 
     return resolve_lmdeploy(cfg)
+
+
+def resolve_backend(cfg: EngineConfig) -> str:
+    return resolve(cfg).backend
 
 
 def make_engine(

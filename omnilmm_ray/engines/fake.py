@@ -15,6 +15,7 @@ from PIL import Image
 
 from omnilmm_ray.config import EngineConfig, GenerationConfig
 from omnilmm_ray.engines import Caption, Prepared, per_image
+from omnilmm_ray.engines.sight import check_sight
 from omnilmm_ray.storage import resolve, write_bytes_atomic
 from omnilmm_ray.weights import local_model
 
@@ -51,6 +52,12 @@ class FakeEngine:
         self.batches = 0
         self.calls_log = cfg.fake_calls_log
         self.bad_captions = cfg.fake_bad_captions
+        self.blind = cfg.fake_blind
+        # The same image check as a real engine's (its drill: fake_blind); the other drills (crash, delay,
+        # calls log) see the job's batches only.
+        self._probing = True
+        check_sight(self, cfg.model, "the fake engine")
+        self._probing = False
 
     def _maybe_crash(self) -> None:
         """Fault drill: die like a GPU worker hit by a CUDA error, once per job (the marker remembers)."""
@@ -62,12 +69,7 @@ class FakeEngine:
         write_bytes_atomic(fs, path, b"crashed")
         os._exit(17)
 
-    def caption(
-        self,
-        prompts: str | list[str],
-        images: list[Image.Image | Prepared],
-        gen: GenerationConfig | None = None,
-    ) -> list[Caption]:
+    def _drills(self, images: list) -> None:
         self.batches += 1
         self._maybe_crash()
         if self.delay_s:
@@ -77,8 +79,24 @@ class FakeEngine:
                 f.write(f"{len(images)}\n")
         if self.crash_on_size and any(im.size == self.crash_on_size for im in images):
             os._exit(18)  # a "poison" image: kills the engine every time it is in the batch
+
+    def caption(
+        self,
+        prompts: str | list[str],
+        images: list[Image.Image | Prepared | None],
+        gen: GenerationConfig | None = None,
+    ) -> list[Caption]:
+        if not self._probing:
+            self._drills(images)
         out = []
         for prompt, im in zip(per_image(prompts, len(images)), images):
+            p = hashlib.sha1(prompt.encode()).hexdigest()[:6]
+            if im is None or self.blind:  # no image, or (drill) its placeholder tokens without its pixels
+                text = f"[fake] a picture, prompt {p}"
+                out.append(
+                    Caption(text, len(prompt.split()) + (0 if im is None else 16), len(text.split()), "stop")
+                )
+                continue
             if isinstance(im, Prepared):  # patches from the CPU workers: no colours to report
                 digest = hashlib.sha1(im.pixels).hexdigest()[:8]
                 text = f"[fake] a {im.size[0]}x{im.size[1]} picture given as patches, id {digest}"
@@ -88,7 +106,7 @@ class FakeEngine:
                 digest = hashlib.sha1(im.tobytes()).hexdigest()[:8]
                 text = f"[fake] a {im.width}x{im.height} picture, mean colour ({r},{g},{b}), id {digest}"
             # the prompt shows in the text, so captions of one image for several prompts differ
-            text += f", prompt {hashlib.sha1(prompt.encode()).hexdigest()[:6]}"
+            text += f", prompt {p}"
             finish = "stop"
             kind = bad_kind(digest) if self.bad_captions else "good"
             # the quality retry's settings (gen given) mend every kind but a refusal

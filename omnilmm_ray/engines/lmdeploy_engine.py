@@ -13,23 +13,48 @@ import warnings
 
 from PIL import Image
 
+from omnilmm_ray import models
 from omnilmm_ray.config import EngineConfig, GenerationConfig
 from omnilmm_ray.engines import Caption, EngineDied, Prepared, per_image
+from omnilmm_ray.engines.sight import check_sight
 from omnilmm_ray.weights import local_model
 
 log = logging.getLogger(__name__)
 
 
-def resolve_backend(cfg: EngineConfig) -> str:
-    """Which lmdeploy backend serves `cfg.model`; raises ValueError naming the model when none can.
+def lmdeploy_lists():
+    """models.Lists from the lmdeploy installed here (models.OWN mirrors 0.18.0's; tests/gpu compares)."""
+    import lmdeploy
+    from lmdeploy.archs import check_vl_llm
+    from lmdeploy.turbomind.supported_models import SUPPORTED_ARCHS
+
+    def pytorch_module_map():
+        # Imported only when needed: it pulls in the PyTorch engine's modules, which a TurboMind job's gate
+        # would wait for.
+        from lmdeploy.pytorch.models.module_map import MODULE_MAP, REMOVED_MODEL_MAP
+
+        return frozenset(MODULE_MAP), frozenset(REMOVED_MODEL_MAP)
+
+    return models.Lists(
+        turbomind=frozenset(SUPPORTED_ARCHS),
+        pytorch=lambda: pytorch_module_map()[0],
+        removed=lambda: pytorch_module_map()[1],
+        version=lmdeploy.__version__,
+        vlm=lambda config: check_vl_llm("turbomind", config),
+    )
+
+
+def resolve(cfg: EngineConfig) -> models.Route:
+    """How lmdeploy serves `cfg.model` (models.route with lmdeploy's own lists); raises ValueError naming
+    the model when no engine captions it from the image.
 
     Reads only the model's config, so it runs before any shard is read; a model in object storage is
     downloaded to this node's cache first, so the engine actor that starts here next finds it there.
     """
     t0 = time.monotonic()
-    from lmdeploy.archs import check_vl_llm, get_model_arch
-    from lmdeploy.turbomind.supported_models import SUPPORTED_ARCHS, is_supported
+    from lmdeploy.archs import get_model_arch
 
+    lists = lmdeploy_lists()
     log.info("lmdeploy imported in %.1fs", time.monotonic() - t0)  # most of an engine actor's start
 
     path = local_model(cfg.model, cfg.cache_dir)
@@ -40,34 +65,20 @@ def resolve_backend(cfg: EngineConfig) -> str:
             f"engine.model: cannot load the config of {cfg.model!r} ({type(e).__name__}: {e}); "
             "give a local model folder or a Hugging Face id reachable from the GPU workers"
         ) from None
-    if not check_vl_llm("turbomind", hf_cfg.to_dict()):
-        raise ValueError(
-            f"engine.model: {cfg.model!r} ({arch}) is not a vision-language model lmdeploy can "
-            "serve; pick one from lmdeploy's supported VLM list"
-        )
-    turbomind_ok = is_supported(path, trust_remote_code=cfg.trust_remote_code)
-    if cfg.backend == "turbomind" and not turbomind_ok:
-        raise ValueError(
-            f"engine.backend: TurboMind does not support {cfg.model!r} ({arch}; supported: "
-            f"{', '.join(sorted(SUPPORTED_ARCHS))}); use --engine pytorch or auto"
-        )
-    backend = cfg.backend if cfg.backend != "auto" else ("turbomind" if turbomind_ok else "pytorch")
-    if backend == "pytorch":
-        # Imported only here: it pulls in the PyTorch engine's modules, which a TurboMind job's gate would wait for.
-        from lmdeploy.pytorch.models.module_map import MODULE_MAP
-
-        if arch not in MODULE_MAP:
-            raise ValueError(
-                f"engine.model: lmdeploy's PyTorch engine has no implementation of {arch} "
-                f"({cfg.model!r}); pick a supported model"
-            )
-    if cfg.backend == "auto" and backend == "pytorch":
+    # lmdeploy's own config object: sub-configs as dicts, and `architectures` as get_model_arch found it
+    config = {**hf_cfg.to_dict(), "architectures": [arch]}
+    route = models.route(config, cfg.model, cfg.backend, lists)
+    if cfg.backend == "auto" and route.backend == "pytorch":
         log.warning(
             "engine: TurboMind does not support %s (%s); routing to lmdeploy's PyTorch engine",
             cfg.model,
             arch,
         )
-    return backend
+    return route
+
+
+def resolve_backend(cfg: EngineConfig) -> str:
+    return resolve(cfg).backend
 
 
 class LmdeployEngine:
@@ -104,7 +115,14 @@ class LmdeployEngine:
         self.takes_prepared = self.backend == "turbomind" and _accept_prepared(self.pipe)
         self.redecoded = 0  # captions recovered by the workaround in _text
         self._lock = threading.Lock() if self.backend == "pytorch" else contextlib.nullcontext()
-        log.info("engine ready: %s %s tp=%d", self.name, cfg.model, cfg.tp)
+        try:
+            self.sight = check_sight(
+                self, cfg.model, f"lmdeploy {lmdeploy.__version__}'s {self.backend} engine"
+            )
+        except Exception:
+            self.pipe.close()  # this process may live on (a test, the Python API): give the GPU memory back
+            raise
+        log.info("engine ready: %s %s tp=%d; sees images: %s", self.name, cfg.model, cfg.tp, self.sight)
 
     def _text(self, r) -> str:
         # lmdeploy's incremental detokenizer returns '' when the decoded text ends in U+FFFD (a caption cut
@@ -117,7 +135,7 @@ class LmdeployEngine:
     def caption(
         self,
         prompts: str | list[str],
-        images: list[Image.Image | Prepared],
+        images: list[Image.Image | Prepared | None],
         gen: GenerationConfig | None = None,
     ) -> list[Caption]:
         # Several threads may call this (scale.concurrent_batches): TurboMind's Pipeline.infer hands requests to
@@ -131,10 +149,8 @@ class LmdeployEngine:
             [
                 {
                     "role": "user",
-                    "content": [
-                        {"type": "text", "text": prompt},
-                        {"type": "image_data", "image_data": {"data": im}},
-                    ],
+                    "content": [{"type": "text", "text": prompt}]
+                    + ([] if im is None else [{"type": "image_data", "image_data": {"data": im}}]),
                 }
             ]
             for prompt, im in zip(per_image(prompts, len(images)), images)
