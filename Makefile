@@ -19,7 +19,8 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -m "not gpu" -q
 
-# On a CUDA machine: installs lmdeploy and runs the real-engine tests.
+# On a CUDA machine: installs lmdeploy and runs the real-engine tests. install.sh pins the engine stack
+# (torch, transformers, lmdeploy, ray) with the gpu extra to cluster/constraints-gpu.txt.
 test-gpu: venv
 	sh cluster/install.sh $(BIN)/python test,gpu -e
 	$(BIN)/python -m pytest -m gpu tests/gpu -v

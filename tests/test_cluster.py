@@ -1,17 +1,14 @@
-"""cluster/ and the Dockerfile without a cluster or docker: the manifests validate against the KubeRay v1.7.0
-CRDs and Kubernetes' own schemas (unknown keys too), agree with each other and with the job config, and every
-command and path they name exists in what the image's install step installs."""
+"""cluster/ without a cluster: the manifests validate against the KubeRay v1.7.0 CRDs and Kubernetes' own
+schemas (unknown keys too), agree with each other and with the job config, clean up after themselves, name the
+identity and the metrics endpoint they rely on, and every command and path they name exists. The Dockerfile's
+side: tests/test_cluster_image.py; exit codes through the schedulers: tests/test_cluster_exit.py."""
 
 from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
 import shlex
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jsonschema
@@ -178,69 +175,6 @@ def _commands() -> list[tuple[str, list[str]]]:
     return found
 
 
-@pytest.fixture(scope="module")
-def image_install(tmp_path_factory) -> Path:
-    """The Dockerfile's install: its COPY lines laid out in a build context, then its RUN line (dependencies
-    are the venv's: --no-deps, into a folder)."""
-    ctx = tmp_path_factory.mktemp("context")
-    for op, arg in _dockerfile():
-        if op == "COPY":
-            *srcs, dest = [a for a in arg.split() if not a.startswith("--")]
-            for src in srcs:  # Docker's rule: a destination ending in / is a folder to copy into
-                target = ctx / dest / Path(src).name if dest.endswith("/") else ctx / dest
-                target.parent.mkdir(parents=True, exist_ok=True)
-                (shutil.copytree if (ROOT / src).is_dir() else shutil.copy)(ROOT / src, target)
-    (run,) = [arg for op, arg in _dockerfile() if op == "RUN"]
-    argv = shlex.split(run)
-    assert argv[:3] == ["sh", "cluster/install.sh", "python"], "the image installs through cluster/install.sh"
-    site = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        ["sh", "cluster/install.sh", sys.executable, *argv[3:], "--no-deps", "--target", str(site)],
-        cwd=ctx,
-        check=True,
-        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
-    )
-    return site
-
-
-def test_image_base_and_install_step_follow_pyproject_and_ci():
-    pyproject = (ROOT / "pyproject.toml").read_text()  # tomllib is 3.11+; the package supports 3.10
-    (base,) = [arg for op, arg in _dockerfile() if op == "FROM"]
-    version = re.match(r"rayproject/ray:(\d+\.\d+\.\d+)-py\d+-gpu$", base).group(1)
-    lo, hi = re.search(r'"ray\[[\w,]+\]>=([\d.]+),<([\d.]+)"', pyproject).groups()
-    as_tuple = lambda v: tuple(int(x) for x in v.split("."))  # noqa: E731
-    assert as_tuple(lo) <= as_tuple(version) < as_tuple(hi)
-    for _, spec in _rayjob_specs():
-        assert spec["rayClusterSpec"]["rayVersion"] == version
-    assert re.search(r'^gpu = \["lmdeploy==[\d.]+"\]', pyproject, re.M)  # pinned, through the extra
-    (run,) = [arg for op, arg in _dockerfile() if op == "RUN"]
-    assert shlex.split(run)[3] == "gpu"
-    # CI (`make test`) builds its venv with the same script
-    assert re.search(
-        r"^\tsh cluster/install.sh \$\(BIN\)/python test ", (ROOT / "Makefile").read_text(), re.M
-    )
-
-
-@pytest.mark.slow
-def test_every_command_in_the_manifests_exists_in_the_image_install(image_install):
-    script = image_install / "bin" / "omnilmm-caption"
-    assert script.is_file()
-    env = {**os.environ, "PYTHONPATH": str(image_install)}
-    out = subprocess.run([str(script), "--help"], env=env, capture_output=True, text=True, check=True).stdout
-    commands = _commands()
-    assert {name for name, _ in commands} >= {"rayjob.yaml", "raycronjob.yaml", "nightly-submit.sh"}
-    for name, argv in commands:
-        assert argv[0] == "omnilmm-caption", name
-        for flag in [a for a in argv[1:] if a.startswith("--")]:
-            assert flag in out, (name, flag)
-        if argv[1:] != ["--help"]:
-            parse_args(argv[1:])  # exits 2 on a flag the CLI does not take or a missing value
-    # the installed package is the whole package: nothing the engine or the job imports was left out
-    here = {p.relative_to(ROOT).as_posix() for p in (ROOT / "omnilmm_ray").rglob("*.py")}
-    there = {p.relative_to(image_install).as_posix() for p in (image_install / "omnilmm_ray").rglob("*.py")}
-    assert here == there
-
-
 def test_config_paths_the_commands_name_are_provided():
     # Kubernetes: --config /config/job.yaml comes from the caption-job-config ConfigMap (key job.yaml, made
     # from cluster/job.example.yaml as rayjob.yaml says) mounted on the head, where the driver runs.
@@ -279,3 +213,86 @@ def test_launcher_config_validates_against_rays_schema():
             "containers"
         ][0]["image"]
     )
+
+
+def _ray_pods(spec: dict) -> list[dict]:
+    """The head's and every worker group's pod template of a RayJob spec."""
+    ray_cluster = spec["rayClusterSpec"]
+    return [g["template"] for g in [ray_cluster["headGroupSpec"], *ray_cluster["workerGroupSpecs"]]]
+
+
+def test_finished_rayjobs_and_their_clusters_are_deleted():
+    """RayJobs pile up one per night unless KubeRay deletes them (RayCronJob keeps no history limit), and a
+    cluster left behind holds its head pod. The checks KubeRay 1.7 makes before it accepts the rules
+    (validateDeletionConfiguration), then one DeleteCluster and one DeleteSelf rule per way a run ends."""
+    for name, spec in _rayjob_specs():
+        rules = spec["deletionStrategy"]["deletionRules"]
+        # rules mode: KubeRay refuses shutdownAfterJobFinishes beside it, and a TTL needs that flag
+        assert not spec.get("shutdownAfterJobFinishes") and not spec.get("ttlSecondsAfterFinished"), name
+        by_condition: dict[tuple, dict[str, int]] = {}
+        for rule in rules:
+            cond = rule["condition"]
+            (key,) = [(k, cond[k]) for k in ("jobStatus", "jobDeploymentStatus") if k in cond]
+            assert rule["policy"] not in by_condition.setdefault(key, {}), (name, "duplicate", rule)
+            by_condition[key][rule["policy"]] = cond.get("ttlSeconds", 0)
+        order = ["DeleteWorkers", "DeleteCluster", "DeleteSelf"]  # TTLs must not decrease along it
+        for key, ttls in by_condition.items():
+            seq = [ttls[p] for p in order if p in ttls]
+            assert seq == sorted(seq), (name, key, ttls)
+        # a success (jobStatus SUCCEEDED) and every failure (jobDeploymentStatus Failed: the Ray job failed,
+        # its submission failed, or the deadline passed)
+        for key in [("jobStatus", "SUCCEEDED"), ("jobDeploymentStatus", "Failed")]:
+            assert {"DeleteCluster", "DeleteSelf"} <= set(by_condition[key]), (name, key)
+        # a failed RayJob stays long enough to read why (kubectl describe, its submitter's log)
+        assert by_condition[("jobDeploymentStatus", "Failed")]["DeleteSelf"] >= 24 * 3600, name
+
+
+def test_ray_pods_run_as_the_storage_service_account():
+    """IRSA / workload identity are bound to a ServiceAccount: the Ray pods name one that cluster/ defines,
+    and the key secret is optional, so the pods start without it."""
+    (sa,) = _docs("serviceaccount.yaml")
+    kubernetes_validate.validate(sa, K8S_VERSION, strict=True)
+    assert sa["kind"] == "ServiceAccount"
+    text = (CLUSTER / "serviceaccount.yaml").read_text()
+    for annotation in ("eks.amazonaws.com/role-arn", "iam.gke.io/gcp-service-account"):
+        assert annotation in text  # how to bind it, per cloud
+    for name, spec in _rayjob_specs():
+        for pod in _ray_pods(spec):
+            assert pod["spec"]["serviceAccountName"] == sa["metadata"]["name"], name
+            for c in pod["spec"]["containers"]:
+                for source in c.get("envFrom", []):
+                    assert source["secretRef"].get("optional") is True, (name, c["name"])
+    # the CronJob's own account (kubectl) is another: the storage identity is not given RBAC on RayJobs
+    cron_sa, _, binding, cron = _docs("cronjob.yaml")
+    assert (
+        cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["serviceAccountName"]
+        == cron_sa["metadata"]["name"]
+    )
+    assert sa["metadata"]["name"] not in {cron_sa["metadata"]["name"], binding["subjects"][0]["name"]}
+    readme = (ROOT / "README.md").read_text()
+    assert "cluster/serviceaccount.yaml" in readme and "serviceAccountName" in readme
+
+
+KUBERAY_METRICS_PORT = ("metrics", 8080)  # the port KubeRay adds to every Ray container (its default)
+
+
+def test_metrics_endpoint_is_scraped_on_every_ray_pod():
+    (monitor,) = _docs("podmonitor.yaml")
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == KUBERAY_METRICS_PORT[0]
+    for name, spec in _rayjob_specs():
+        ray_cluster = spec["rayClusterSpec"]
+        groups = [ray_cluster["headGroupSpec"], *ray_cluster["workerGroupSpecs"]]
+        for group, pod in zip(groups, _ray_pods(spec)):
+            assert selector.items() <= pod["metadata"]["labels"].items(), name  # the PodMonitor finds it
+            notes = pod["metadata"]["annotations"]
+            assert notes["prometheus.io/scrape"] == "true", name
+            assert notes["prometheus.io/port"] == str(KUBERAY_METRICS_PORT[1]), name
+            # nothing moves Ray's metrics agent off KubeRay's port, nor renames that port
+            assert group["rayStartParams"].get("metrics-export-port", "8080") == "8080", name
+            for c in pod["spec"]["containers"]:
+                for port in c.get("ports", []):
+                    assert port.get("name") != KUBERAY_METRICS_PORT[0] or port["containerPort"] == 8080
+    assert "cluster/podmonitor.yaml" in (ROOT / "README.md").read_text()
