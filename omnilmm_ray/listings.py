@@ -1,12 +1,15 @@
 """Loose-file shards in compact plans, and the loose files sealed runs already covered.
 
 A plan stores a loose-file shard as its folder, first and last key, count and the URI of its *listing*:
-`OUTPUT/_files/<digest>.parquet` (key, fingerprint, sidecars per file), named by its content. Read tasks
-start before the plan is written (job.py), so the listing is written while planning; being named by its
-content, a job that stopped before writing its plan leaves only files its rerun writes again.
+`OUTPUT/_files/<digest>.listing` (Parquet: key, fingerprint, sidecars per file), named by its content.
+Read tasks start before the plan is written (job.py), so the listing is written while planning; being named
+by its content, a job that stopped before writing its plan leaves only files its rerun writes again.
 
 Planning a nightly run compares each listed shard with the sealed runs' shards whose key range overlaps
 it, reading their listings (a few, cached) instead of holding every fingerprint of the history.
+
+Bookkeeping files end in `.listing`, not `.parquet`: a `OUTPUT/**/*.parquet` glob (DuckDB, pyarrow) would
+read them as captions. Plans written before name their `.parquet` listings, which are read as they are.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from itertools import accumulate
 
 from omnilmm_ray.sources import Shard, listing_bytes, load_listing, without_done
 from omnilmm_ray.storage import join, resolve, write_bytes_atomic
+
+SUFFIX = ".listing"  # Parquet content under a name that no `*.parquet` glob of the output takes for data
 
 # Fingerprints of sealed listings kept while planning (~50 MB), counted in files rather than listings: a flat
 # folder that grows every night has one small listing per night overlapping every listed shard, and a cache
@@ -52,7 +57,7 @@ class ListingWriter:
 
     def compact(self, shard: Shard) -> Shard:
         data = listing_bytes(shard)
-        name = f"{hashlib.sha256(data).hexdigest()[:32]}.parquet"
+        name = f"{hashlib.sha256(data).hexdigest()[:32]}{SUFFIX}"
         if self.pool is not None:
             self.pending.append(self.pool.submit(write_bytes_atomic, self.fs, join(self.path, name), data))
             if len(self.pending) >= UPLOADS_IN_FLIGHT:

@@ -1,7 +1,7 @@
 """Content-hash reuse: a compact index of each sealed run's captioned rows, looked up in batches.
 
-    OUTPUT/run=<id>/_reuse/<prefix>.parquet   sha256 (32 bytes), prompt, file (shard id), row, name: sorted
-                                              by (sha256, prompt) in small row groups, split by sha256 prefix
+    OUTPUT/run=<id>/_reuse/<prefix>.index     Parquet: sha256 (32 bytes), prompt, file (shard id), row, name,
+                                              sorted by (sha256, prompt) in small row groups, split by prefix
     OUTPUT/run=<id>/_reuse/_index.json        written last: an index is complete only with it
 
 The key is the prompt as rendered for the sample (a template filled from its metadata), so the same bytes
@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 INDEX_DIR = "_reuse"
 MANIFEST = "_index.json"
+# Not ".parquet": a `OUTPUT/**/*.parquet` glob (DuckDB, pyarrow) would read the index rows as captions. An index
+# written before says no `suffix` in its manifest and keeps its `.parquet` files, read as they are.
+INDEX_SUFFIX = ".index"
 # 2: several-prompt runs indexed per prompt (`name`). A version 1 index of such a run holds only its null
 # `prompt` column, which no lookup matches: it is built again; one of a single-prompt run is still good.
 VERSION = 2
@@ -123,12 +126,18 @@ def build_index(
             )
             bounds = [0, *starts.tolist(), len(t)]
             for p, a, b in zip(group, bounds, bounds[1:]):
-                name = f"{p or 'all'}.parquet"
+                name = f"{p or 'all'}{INDEX_SUFFIX}"
                 write_parquet_atomic(fs, join(run_path, INDEX_DIR, name), t.slice(a, b - a), ROW_GROUP)
                 files.append(name)
                 total += b - a
             del t
-    manifest = {"version": VERSION, "prefix_chars": chars, "rows": total, "files": files}
+    manifest = {
+        "version": VERSION,
+        "prefix_chars": chars,
+        "rows": total,
+        "files": files,
+        "suffix": INDEX_SUFFIX,
+    }
     write_json(fs, join(run_path, INDEX_DIR, MANIFEST), manifest)
     return manifest
 
@@ -165,7 +174,7 @@ def open_index(output_uri: str, sealed: list[str], plan_of, storage_options: dic
                 manifest["version"] = VERSION
                 write_json(fs, join(run_path, INDEX_DIR, MANIFEST), manifest)
         if manifest["rows"]:
-            runs.append((run_uri, manifest["prefix_chars"]))
+            runs.append((run_uri, manifest["prefix_chars"], manifest.get("suffix", ".parquet")))
     return ReuseIndex(runs, storage_options) if runs else None
 
 
@@ -193,11 +202,12 @@ def _row_groups(meta: pq.FileMetaData, shas: list[bytes]) -> list[int]:
 class ReuseIndex:
     """The sealed runs' indexes, newest first: a few URIs, so it travels to CPU workers as an argument."""
 
-    def __init__(self, runs: list[tuple[str, int]], storage_options: dict | None = None):
+    def __init__(self, runs: list[tuple], storage_options: dict | None = None):
+        """`runs`: (run URI, prefix chars[, file suffix: INDEX_SUFFIX when left out]), newest first."""
         self.runs = runs
         self.opts = json.dumps(storage_options or {}, sort_keys=True)
 
-    def _probe(self, run_uri: str, chars: int, queries: pa.Table) -> pa.Table:
+    def _probe(self, run_uri: str, chars: int, queries: pa.Table, suffix: str = INDEX_SUFFIX) -> pa.Table:
         """(sha256 binary, prompt) queries -> matching index rows of one run."""
         shas = sorted(set(queries.column("sha256").to_pylist()))
         by_file: dict[str, list[bytes]] = {}
@@ -206,7 +216,7 @@ class ReuseIndex:
 
         def probe(item):
             name, wanted = item
-            path = join(run_uri, INDEX_DIR, f"{name}.parquet")
+            path = join(run_uri, INDEX_DIR, f"{name}{suffix}")
             meta = _footer(path, self.opts)
             groups = _row_groups(meta, wanted)
             if not groups:
@@ -239,11 +249,11 @@ class ReuseIndex:
             }
         )
         hits = []
-        for run_uri, chars in self.runs:
+        for run_uri, chars, *suffix in self.runs:
             if not len(q):
                 break
             found = (
-                self._probe(run_uri, chars, q)
+                self._probe(run_uri, chars, q, *suffix)
                 .group_by(["sha256", "prompt"], use_threads=False)
                 .aggregate([("file", "first"), ("row", "first"), ("name", "first")])
             )

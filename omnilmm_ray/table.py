@@ -2,7 +2,8 @@
 
     OUTPUT/_lock.json                     lease held by the running job
     OUTPUT/run=<id>/_plan.json            shards this run covers (+ settings fingerprint)
-    OUTPUT/_files/<digest>.parquet        the files of one loose-file shard of a plan (listings.py)
+    OUTPUT/_files/<digest>.listing        the files of one loose-file shard of a plan (listings.py)
+    OUTPUT/_inputs/<id>.listing           every file a run's planning listed (present.py)
     OUTPUT/run=<id>/<shard_id>.parquet    one file per shard, written once, atomically
     OUTPUT/run=<id>/_summary.json, _SUCCESS
 
@@ -36,6 +37,7 @@ from omnilmm_ray.config import (
     reuse_settings,
 )
 from omnilmm_ray.listings import CoveredFiles, ListingWriter, key_range
+from omnilmm_ray.present import PresentWriter
 from omnilmm_ray.reuse import ReuseIndex, open_index
 from omnilmm_ray.schema import SHARD_KINDS
 from omnilmm_ray.sources import Retry, Shard, iter_shards, load_listing
@@ -166,8 +168,11 @@ class OutputTable:
         del loose
         retry, redo_files = self._failed_rows(sealed, plans, cfg.sink.retry_kinds())
         shards = []
-        with ListingWriter(self.uri, self.opts, write=listings) as listing:
+        rid = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        present = PresentWriter(self.uri, rid, self.opts, write=listings)  # what is gone: snapshot.py
+        with ListingWriter(self.uri, self.opts, write=listings) as listing, present:
             for s in iter_shards(cfg.inputs, cfg.input):
+                present.add(s)
                 if s.format == "files":
                     # a loose file is one image: reading a failed one again whole redoes just its row
                     if (part := covered.new_part(s, redo_files)) is not None:
@@ -176,11 +181,11 @@ class OutputTable:
                     shards.append(s)
                 elif s.uri in retry:  # unchanged, with failed rows: only those rows
                     shards.append(replace(s, retry=retry[s.uri]))
-        rid = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         plan = {
             "run_id": rid,
             "fingerprint": fp,
             "inputs": cfg.inputs,
+            "present": present.uri,
             "shards": [s.plan_entry() for s in shards],
         }
         run = Run(rid, self.run_uri(rid), shards, False, plan, abandons=abandoned)

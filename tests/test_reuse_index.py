@@ -69,17 +69,19 @@ def test_a_single_prompt_index_of_the_first_format_is_served_as_it_is(tmp_path):
     ids = _run_dir(run, shards=2, per_shard=20)
     manifest = build_index(str(run), ids, 40)
     assert manifest["version"] == reuse.VERSION and manifest["rows"] == 2 * (20 - 3)
-    # the first format: no `name` column, no version in the manifest
-    index = run / "_reuse" / "all.parquet"
-    pq.write_table(pq.read_table(index).drop_columns(["name"]), index)
-    first = {k: v for k, v in manifest.items() if k != "version"}
+    # the first format: no `name` column, no version in the manifest, `.parquet` files
+    index, built = run / "_reuse" / "all.parquet", run / "_reuse" / f"all{reuse.INDEX_SUFFIX}"
+    pq.write_table(pq.read_table(built).drop_columns(["name"]), index)
+    built.unlink()
+    first = {k: v for k, v in manifest.items() if k not in ("version", "suffix")}
     (run / "_reuse" / "_index.json").write_text(json.dumps(first))
     plan = {"fingerprint": {"prompt": "p"}, "shards": [{"shard_id": i} for i in ids]}
     found = reuse.open_index(str(tmp_path), ["r1"], lambda rid: plan)
     q = pa.table({"sha256": [_sha(0, 1), _sha(1, 2), _sha(0, 7)], "prompt": ["p", "p", "p"]})
     assert sorted(found.lookup(q).column("caption").to_pylist()) == ["cap 0 1", "cap 1 2"]
     assert "name" not in pq.read_schema(index).names  # not built again...
-    assert json.loads((run / "_reuse" / "_index.json").read_text()) == manifest  # ...only marked current
+    marked = {**first, "version": reuse.VERSION}
+    assert json.loads((run / "_reuse" / "_index.json").read_text()) == marked  # ...only marked current
 
 
 def _job(tmp_path, inputs, out, calls, **cfg):
