@@ -38,6 +38,7 @@ from omnilmm_ray.quality import quality_summary
 from omnilmm_ray.redact import redact_text
 from omnilmm_ray.reuse import build_index
 from omnilmm_ray.schema import SHARD_KINDS, output_schema
+from omnilmm_ray.snapshot import publish
 from omnilmm_ray.storage import join, read_json, write_bytes_atomic, write_json
 from omnilmm_ray.table import PROBE, OutputTable, Run
 
@@ -267,6 +268,7 @@ def run_job(
                 len(gone),
                 gone[:5],
             )
+        publish(table, lease.ensure)  # a sealed run whose publish a kill or an error stopped: first
         with storage_access("inputs", cfg.inputs):  # the output answered: a storage error is the inputs'
             run = table.open_run(cfg, write=False)
         progress = load_progress(run.uri, cfg.sink.storage_options)
@@ -400,4 +402,6 @@ def run_job(
             run.uri, [s.shard_id for s in run.shards], counts.rows, cfg.sink.storage_options, cfg.prompt_names
         )
         write_bytes_atomic(fs, join(path, "_SUCCESS"), b"")
+        kill_point("sealed")
+        summary["snapshot"] = publish(table, lease.ensure)  # a failure: exit 1, and the rerun publishes
         return summary
