@@ -1,6 +1,6 @@
 #!/bin/sh
 # The one install step of this package: `make venv` (and so CI), `make test-gpu` and the Dockerfile run it, and
-# tests/test_cluster.py runs it on the files the Dockerfile copies, so CI proves the image's install.
+# tests/test_cluster_image.py runs it on the files the Dockerfile copies, so CI proves the image's install.
 #   cluster/install.sh PYTHON EXTRAS [PIP_ARGS...]    e.g. cluster/install.sh python gpu
 # Run from the directory holding pyproject.toml. Versions are pinned in pyproject.toml; with the `gpu` extra,
 # cluster/constraints-gpu.txt also pins the engine stack to the versions the GPU tests passed with.
