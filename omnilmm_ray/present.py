@@ -36,50 +36,62 @@ class PresentWriter:
     """Streams the files a new run's planning listed (a tar/Parquet shard's file, each loose file) into
     `OUTPUT/_inputs/<run id>.listing`: URI, fingerprint, loose or not, section.
 
-    One input is listed in sorted order (sources.py walks folders that way); a URI below the one before it
-    starts a new *section* (the next input), so every section is sorted and readers merge them back into
-    one sorted stream, one row group per section in memory. `write=False` (a dry run) writes nothing."""
+    One input is listed in sorted order (sources.py walks folders that way), but a group of loose files is
+    handed over when full, after the shard files listed among them: shard files and loose files are two
+    streams, each sorted. A URI below the one before it in its stream starts a new *section* (the next
+    input), so every section is sorted and readers merge them back into one sorted stream, one row group per
+    section in memory: about two sections per input. `write=False` (a dry run) writes nothing."""
 
     def __init__(self, output_uri: str, run_id: str, storage_options: dict | None, write: bool = True):
         self.uri = join(output_uri, PRESENT_DIR, f"{run_id}{SUFFIX}") if write else None
         self.opts = storage_options or {}
-        self.rows: tuple[list, list, list] = ([], [], [])
-        self.section, self.last = 0, None
+        self.rows: dict[bool, tuple[list, list]] = {False: ([], []), True: ([], [])}  # by stream: loose?
+        self.last: dict[bool, str | None] = {False: None, True: None}
+        self.section = {False: 0, True: 1}
+        self.sections = 2
         self._file = self._writer = None
 
     def add(self, shard: Shard) -> None:
         if self.uri is None:
             return
-        for (
-            uri,
-            fp,
-        ) in shard.fingerprints.items():  # one file per tar/Parquet shard, each member of a "files" one
-            if self.last is not None and uri <= self.last:
-                if uri == self.last:  # the same file named by two inputs: one entry
+        loose = shard.format == "files"
+        rows, last = self.rows[loose], self.last[loose]
+        for uri, fp in shard.fingerprints.items():  # a tar/Parquet shard's one file, a "files" one's members
+            if last is not None and uri <= last:
+                if uri == last:  # the same file named by two inputs: one entry
                     continue
-                self._flush()
-                self.section += 1
-            for col, v in zip(self.rows, (uri, fp, shard.format == "files")):
-                col.append(v)
-            self.last = uri
-            if len(self.rows[0]) >= PRESENT_ROWS:
-                self._flush()
+                self._flush(loose)
+                self.section[loose], self.sections = self.sections, self.sections + 1
+            rows[0].append(uri)
+            rows[1].append(fp)
+            last = uri
+            if len(rows[0]) >= PRESENT_ROWS:
+                self._flush(loose)
+        self.last[loose] = last
 
-    def _flush(self) -> None:
+    def _flush(self, loose: bool) -> None:
         if self._writer is None:
             fs, path = resolve(self.uri, self.opts)
             self._file = open_atomic(fs, path)
             self._writer = pq.ParquetWriter(self._file.__enter__(), PRESENT_SCHEMA, compression="zstd")
-        n = len(self.rows[0])
-        if n:
-            cols = [*(pa.array(c) for c in self.rows), pa.array([self.section] * n, pa.int32())]
+        uris, fps = self.rows[loose]
+        if uris:
+            n = len(uris)
+            cols = [
+                pa.array(uris),
+                pa.array(fps),
+                pa.array([loose] * n),
+                pa.array([self.section[loose]] * n, pa.int32()),
+            ]
             self._writer.write_table(pa.table(cols, schema=PRESENT_SCHEMA), row_group_size=n)
-        self.rows = ([], [], [])
+            uris.clear()
+            fps.clear()
 
     def close(self) -> None:
         if self.uri is None:
             return
-        self._flush()  # an input with nothing in it still gets its (empty) record
+        self._flush(False)  # inputs with nothing in them still get their (empty) record
+        self._flush(True)
         self._writer.close()
         self._file.__exit__(None, None, None)
 
@@ -106,7 +118,12 @@ class _Record:
         for g in range(meta.num_row_groups):
             rg = meta.row_group(g)
             uri_st, sec_st = rg.column(0).statistics, rg.column(3).statistics
-            self.sections.setdefault(sec_st.min, []).append((uri_st.min, uri_st.max, g))
+            if uri_st is None or not uri_st.has_min_max or sec_st is None or not sec_st.has_min_max:
+                t = self.pf.read_row_group(g, columns=["uri", "section"])  # a writer without statistics
+                lo, hi, sec = pc.min(t.column(0)).as_py(), pc.max(t.column(0)).as_py(), t.column(1)[0].as_py()
+            else:
+                lo, hi, sec = uri_st.min, uri_st.max, sec_st.min
+            self.sections.setdefault(sec, []).append((lo, hi, g))
 
     def rows(self, groups: list[int]) -> Iterator[tuple[str, str, bool]]:
         for g in groups:
