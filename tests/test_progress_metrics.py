@@ -210,8 +210,20 @@ def test_fake_run_logs_progress_and_exports_metrics(ray_local, tmp_path, caplog,
     port = ray.nodes()[0]["MetricsExportPort"]
     wanted = {_exported(kind, name) for name, (kind, _, _) in METRICS.items()}
     # Each is looked for in any scrape: the agent drops a gauge nobody reports any more (~20 s after the run).
+    # Counters reach the endpoint as the agent exports them: scrape until every one shows this run's totals.
+    totals = {
+        "ray_omnilmm_images_total": n,
+        "ray_omnilmm_shards_committed_total": shards,
+        "ray_omnilmm_images_flagged_total": summary["quality"]["flagged_rows"],
+    }
+
+    def complete() -> bool:
+        return set(seen) == wanted and all(
+            sum(v for _, v in _series(seen[k], k)) >= t for k, t in totals.items()
+        )
+
     deadline, seen = time.monotonic() + 120, {}
-    while time.monotonic() < deadline and set(seen) != wanted:
+    while time.monotonic() < deadline and not complete():
         text = _metrics_text(port)
         seen.update({w: text for w in wanted if _series(text, w)})
         time.sleep(0.5)
