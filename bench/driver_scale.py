@@ -8,9 +8,12 @@ images reused), one CPU worker's reuse lookup of the new shard's hashes, the eng
 verify of the whole history run, and the latest view streamed to a Parquet file.
 `--loose-files N ...`: planning a run over N tiny loose files (1,000 per folder, never decoded), then the
 nightly plan after one file was added: driver peak RSS, time and plan bytes per file.
+`--snapshot`: publishing the snapshot (snapshot.py) over each --rows history: the first publish, a night of
+1 % new images, a night with a new, a changed and a deleted shard: time, peak RSS, files rewritten.
 
     python bench/driver_scale.py --rows 100000 1000000 --work /tmp/scale
     python bench/driver_scale.py --loose-files 200000 1000000 --baseline /tmp/old-code --work /tmp/scale
+    python bench/driver_scale.py --snapshot --rows 1000000 10000000 --work /tmp/scale
 """
 
 from __future__ import annotations
@@ -81,31 +84,54 @@ def _shard_table(sid: str, s: int, n: int, planted: list[str], rng) -> pa.Table:
     return pa.concat_tables([rows.cast(schema.ENGINE_SCHEMA), end])
 
 
-def build(rows: int, out: Path, cfg: JobConfig, planted: list[str]) -> dict:
-    """One sealed run of `rows` rows, written and sealed as job.run_job does it."""
+def _history_shard(k: int, fp: str = "1") -> Shard:
+    uri = f"s3://history/{k:06d}.tar"
+    return Shard(f"h{k:06d}", "tar", uri, (), {uri: f"{fp}:{k}"})
+
+
+def seal_run(
+    out: Path,
+    rid: str,
+    cfg: JobConfig,
+    written: list[tuple[int, int]],
+    present: list[Shard],
+    planted: list[str] = (),
+    index: bool = True,
+) -> dict:
+    """One sealed run, written and sealed as job.run_job does it: `written` (shard number, rows) are read by
+    it, `present` is every shard its planning listed (its present record)."""
     t0 = time.time()
-    rid = "20260101T000000000000Z"
     run_uri = str(out / f"run={rid}")
-    shards = [
-        Shard(f"h{s:06d}", "tar", f"s3://history/{s:06d}.tar", (), {f"s3://history/{s:06d}.tar": f"1:{s}"})
-        for s in range(-(-rows // ROWS_PER_SHARD))
-    ]
-    write_json_plan = {"run_id": rid, "fingerprint": generation_fingerprint(cfg), "inputs": ["s3://history"]}
+    by_number = {int(s.shard_id[1:]): s for s in present}
+    shards = [by_number[k] for k, _ in written]
+    from omnilmm_ray.present import PresentWriter
     from omnilmm_ray.storage import resolve
 
+    with PresentWriter(str(out), rid, None) as record:
+        for s in present:
+            record.add(s)
+    plan = {"run_id": rid, "fingerprint": generation_fingerprint(cfg), "inputs": ["s3://history"]}
     fs, _ = resolve(str(out))
-    write_json(fs, f"{run_uri}/_plan.json", {**write_json_plan, "shards": [s.to_dict() for s in shards]})
+    shard_dicts = [s.to_dict() for s in shards]
+    write_json(fs, f"{run_uri}/_plan.json", {**plan, "present": record.uri, "shards": shard_dicts})
     committer = ShardCommitter(run_uri, shards, commit_rows=1024)
     rng = np.random.default_rng(0)
-    for k, s in enumerate(shards):
-        n = min(ROWS_PER_SHARD, rows - k * ROWS_PER_SHARD)
-        committer.add(_shard_table(s.shard_id, k, n, planted if k == len(shards) // 2 else [], rng))
+    for i, ((k, n), s) in enumerate(zip(written, shards)):
+        committer.add(_shard_table(s.shard_id, k, n, planted if i == len(shards) // 2 else [], rng))
     counts = verify_run(run_uri, shards)
     run = Run(rid, run_uri, shards, False)
     write_json(fs, f"{run_uri}/_summary.json", summarize(cfg, run, counts, {}))
-    build_index(run_uri, [s.shard_id for s in shards], counts.rows)
+    if index:
+        build_index(run_uri, [s.shard_id for s in shards], counts.rows)
     write_bytes_atomic(fs, f"{run_uri}/_SUCCESS", b"")
     return {"rows": counts.rows, "shards": len(shards), "build_s": round(time.time() - t0, 1)}
+
+
+def build(rows: int, out: Path, cfg: JobConfig, planted: list[str], index: bool = True) -> dict:
+    """One sealed run of `rows` rows in shards of ROWS_PER_SHARD."""
+    sizes = [(k, min(ROWS_PER_SHARD, rows - k * ROWS_PER_SHARD)) for k in range(-(-rows // ROWS_PER_SHARD))]
+    present = [_history_shard(k) for k, _ in sizes]
+    return seal_run(out, "20260101T000000000000Z", cfg, sizes, present, planted, index)
 
 
 # Each probe runs in a fresh interpreter and prints {"s": seconds, "peak_mb": its RSS peak (VmHWM), "base_mb":
@@ -352,6 +378,58 @@ def loose_files(n: int, work: Path, root: Path) -> dict:
     return res
 
 
+PUBLISH = (
+    "from omnilmm_ray.snapshot import publish\nfrom omnilmm_ray.table import OutputTable",
+    "r = publish(OutputTable({out!r}))\n"
+    "extra = {{k: r[k] for k in ('mode', 'files_added', 'files_removed', 'rows_written')}}",
+)
+
+
+def snapshot_scale(rows: int, work: Path) -> dict:
+    """The snapshot over a sealed history of `rows` rows (shard files of ROWS_PER_SHARD): its first publish
+    (a full write streamed from the latest view), then two nights, each sealed and published incrementally:
+    1 % new images; then one new shard plus one shard shrunk by 100 images and one deleted (the same night
+    at every size). Each publish runs in a fresh process; the table's rows are checked after each."""
+    from deltalake import DeltaTable
+
+    cfg = JobConfig(inputs=["x"], output="o", engine={"backend": "fake"})
+    out = work / f"snapshot-{rows}"
+    shutil.rmtree(out, ignore_errors=True)
+    built = build(rows, out, cfg, [], index=False)
+    shards, expected = built["shards"], built["rows"]
+    res = {"rows": rows, "build_s": built["build_s"]}
+
+    def measure(name: str) -> None:
+        res[name] = probe(PUBLISH[0], PUBLISH[1].format(out=str(out)))
+        d = DeltaTable(str(out / "captions"))
+        res[name]["table_files"] = len(d.file_uris())
+        assert (got := d.count()) == expected, (name, got, expected)
+        print(name, json.dumps(res[name]), flush=True)
+
+    measure("first_publish")
+    new = max(1, rows // 100 // ROWS_PER_SHARD)  # 1 % new images
+    present = {k: _history_shard(k) for k in range(shards + new)}
+    added = [(k, ROWS_PER_SHARD) for k in range(shards, shards + new)]
+    seal_run(out, "20260102T000000000000Z", cfg, added, list(present.values()), index=False)
+    expected += new * ROWS_PER_SHARD
+    measure("night_1pct_new")
+    shards += new
+    present[3] = _history_shard(3, "2")  # shrunk: a new fingerprint, read whole
+    del present[7]
+    present[shards] = _history_shard(shards)
+    written = [(3, ROWS_PER_SHARD - 100), (shards, ROWS_PER_SHARD)]
+    seal_run(out, "20260103T000000000000Z", cfg, written, list(present.values()), index=False)
+    expected += ROWS_PER_SHARD - 100 - ROWS_PER_SHARD
+    measure("night_new_changed_deleted")
+    res["disk_mb"] = {
+        "run_partitions": round(sum(f.stat().st_size for f in out.glob("run=*/*")) / 2**20),
+        "snapshot": round(
+            sum(f.stat().st_size for f in (out / "captions").rglob("*") if f.is_file()) / 2**20
+        ),
+    }
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -364,7 +442,14 @@ def main() -> None:
     ap.add_argument(
         "--s3-overlap", type=int, help="only: plan a listed shard overlapping N sealed listings on moto"
     )
+    ap.add_argument("--snapshot", action="store_true", help="only: publishing the snapshot over --rows")
     a = ap.parse_args()
+    if a.snapshot:
+        res = {"machine": f"{platform.node()} {os.cpu_count()} cores, Python {platform.python_version()}"}
+        for rows in a.rows:
+            res[rows] = snapshot_scale(rows, a.work)
+        print("RESULTS " + json.dumps(res))
+        return
     if a.loose_files:
         res = {"machine": f"{platform.node()} {os.cpu_count()} cores, Python {platform.python_version()}"}
         for n in a.loose_files:

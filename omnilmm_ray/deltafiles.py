@@ -39,6 +39,15 @@ FILE_ROWS = 100_000  # rows per data file: what a publish holds per file it writ
 MIN_ROWS = FILE_ROWS // 8  # a new file is cut at another file's range only when it holds this many already
 ROW_GROUP = 32_768
 KEY_COLUMNS = ["image_id", "shard", "key", "sample_index"]
+# Held as dictionaries while a publish works (the same few runs and settings JSON on every row: ~280 of ~770
+# bytes a row), written as the table's plain strings.
+DICTIONARY = ("run", "settings")
+
+
+def memory_schema(schema: pa.Schema) -> pa.Schema:
+    return pa.schema(
+        [f.with_type(pa.dictionary(pa.int32(), f.type)) if f.name in DICTIONARY else f for f in schema]
+    )
 
 
 def delta_options(uri: str, opts: dict) -> dict[str, str]:
@@ -62,7 +71,7 @@ def delta_options(uri: str, opts: dict) -> dict[str, str]:
 
 def read_file(fs, path: str, columns: list[str] | None = None) -> pa.Table:
     if columns is None:  # the whole file: one GET
-        return pq.read_table(pa.BufferReader(read_whole(fs, path)))
+        return pq.read_table(pa.BufferReader(read_whole(fs, path)), read_dictionary=DICTIONARY)
     with fs.open(path, "rb") as f:
         return pq.read_table(f, columns=columns)
 
@@ -70,7 +79,8 @@ def read_file(fs, path: str, columns: list[str] | None = None) -> pa.Table:
 def _stats(t: pa.Table) -> str:
     lo, hi = {}, {}
     for c in STATS:
-        mm = pc.min_max(t.column(c))
+        col = t.column(c)
+        mm = pc.min_max(col.cast(col.type.value_type) if pa.types.is_dictionary(col.type) else col)
         if mm["min"].is_valid:
             lo[c], hi[c] = mm["min"].as_py(), mm["max"].as_py()
     nulls = {c: t.column(c).null_count for c in STATS}
@@ -90,7 +100,7 @@ class DataFiles:
 
     def __init__(self, table, uri: str, rid: str, schema: pa.Schema):
         self.fs, self.path = resolve(uri, table.opts)
-        self.uri, self.rid, self.schema = uri, rid, schema
+        self.uri, self.rid, self.schema, self.mem = uri, rid, schema, memory_schema(schema)
         self.delta_opts = delta_options(uri, table.opts)
         self.adds: list = []
         self.removes: list = []
@@ -101,7 +111,8 @@ class DataFiles:
         from deltalake.transaction import AddAction
 
         buf = io.BytesIO()
-        pq.write_table(t, buf, compression="zstd", row_group_size=ROW_GROUP)
+        # without Arrow's schema in the footer, the dictionary columns read back as the table's strings
+        pq.write_table(t, buf, compression="zstd", row_group_size=ROW_GROUP, store_schema=False)
         name = f"part-{self.rid}-{uuid.uuid4().hex}.zstd.parquet"  # the run: remove_orphans finds them
         write_bytes_atomic(self.fs, join(self.path, name), buf.getvalue())
         now = int(time.time() * 1000)
@@ -128,7 +139,7 @@ class DataFiles:
             self.flush()
 
     def flush(self) -> None:
-        t = pa.concat_tables([self.schema.empty_table(), *self.pending]).sort_by("image_id")
+        t = pa.concat_tables([self.mem.empty_table(), *self.pending]).sort_by("image_id")
         self.pending = []
         if len(t):
             self._write_sorted(t)
@@ -186,7 +197,7 @@ class DataFiles:
             if not drop.any():
                 kept_files.append(f)
                 continue
-            old = read_file(self.fs, path).filter(pa.array(~drop)).cast(self.schema)
+            old = read_file(self.fs, path).filter(pa.array(~drop)).cast(self.mem)
             a = bisect_left(tonight_ids, lo) if lo is not None else 0
             b = bisect_right(tonight_ids, hi) if hi is not None else len(tonight)
             mine = np.flatnonzero(~placed[a:b]) + a

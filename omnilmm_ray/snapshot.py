@@ -83,13 +83,15 @@ def identify(t: pa.Table, settings: dict[str, str], schema: pa.Schema) -> pa.Tab
         pc.invert(invalid),
     )
     numbered = pc.binary_join_element_wise(src, sample, "#")
-    runs = t.column("run")
-    names = pc.unique(runs)
+    names = pc.unique(t.column("run"))
+    runs = pc.index_in(t.column("run"), value_set=names)
+    runs = runs.combine_chunks() if isinstance(runs, pa.ChunkedArray) else runs
     per_run = pa.array([settings[r] for r in names.to_pylist()], pa.string())
     cols = {
         "image_id": pc.if_else(loose, src, numbered),
         "shard": pc.if_else(loose, pc.replace_substring_regex(src, "/[^/]*$", ""), src),
-        "settings": pc.take(per_run, pc.index_in(runs, value_set=names)),
+        "run": pa.DictionaryArray.from_arrays(runs, names),  # deltafiles.memory_schema
+        "settings": pa.DictionaryArray.from_arrays(runs, per_run),
     }
     return pa.table(
         [cols.get(n, t.column(n) if n in t.column_names else None) for n in schema.names], schema=schema
@@ -119,12 +121,6 @@ class Publisher:
         if not DeltaTable.is_deltatable(self.uri, self.delta_opts):
             return None
         return DeltaTable(self.uri, storage_options=self.delta_opts)
-
-    def published(self) -> str | None:
-        """The run the snapshot holds (None: no snapshot yet)."""
-        d = self.delta()
-        number = d.transaction_version(APP_ID) if d is not None else None
-        return next((r for r in self.table.sealed_runs() if run_number(r) == number), None)
 
     def publish(self, guard=lambda: None) -> dict | None:
         """Publish the newest sealed run, unless the snapshot holds it already; None when no sealed run has
@@ -181,7 +177,7 @@ class Publisher:
         summary = read_json(self.table.fs, join(self.table._run_path(rid), "_summary.json")) or {}
         if summary.get("rows", 0) > INCREMENTAL_ROWS:
             return False
-        tonight = self._tonight(rid, output, files.schema)
+        tonight = self._tonight(rid, output, files.mem)
         ids = set(tonight.column("image_id").to_pylist())
         read = {s["uri"] for s in plan["shards"] if s["format"] != "files"}
         whole = {s["uri"] for s in plan["shards"] if s["format"] != "files" and not s.get("retry")}
@@ -207,7 +203,7 @@ class Publisher:
             for t in self.table.iter_latest():
                 for r in pc.unique(t.column("run")).to_pylist():
                     settings.setdefault(r, self.settings(r))
-                t = identify(t, settings, files.schema)
+                t = identify(t, settings, files.mem)
                 # keyless rows of loose files (their source is a folder) stay, as in the latest view
                 src = t.column("source").combine_chunks()
                 folder = pc.and_(
