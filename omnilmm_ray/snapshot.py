@@ -41,7 +41,7 @@ from omnilmm_ray.deltafiles import DataFiles, delta_options, read_file
 from omnilmm_ray.faults import kill_point
 from omnilmm_ray.lease import LeaseLost
 from omnilmm_ray.present import PRESENT_DIR, PresentLookup, diff_present
-from omnilmm_ray.storage import join, read_json
+from omnilmm_ray.storage import join, read_json, resolve
 from omnilmm_ray.table import OutputTable
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class Publisher:
         runs before the first write and before the commit (the job's lease check)."""
         sealed = self.table.sealed_runs()
         rid = sealed[-1] if sealed else None
-        if rid is None or not self.plan(rid).get("present"):
+        if rid is None or not self._recorded(rid):
             if rid is not None:
                 log.warning(
                     "snapshot: run %s has no present record (planned before it existed); not published", rid
@@ -145,7 +145,7 @@ class Publisher:
         files = DataFiles(self.table, self.uri, rid, snapshot_schema(output))
         files.remove_orphans(d)
         mode = "full"
-        if d is not None and len(sealed) > 1 and before == sealed[-2] and self.plan(before).get("present"):
+        if d is not None and len(sealed) > 1 and before == sealed[-2] and self._recorded(before):
             mode = "incremental" if self._incremental(d, before, rid, output, files) else "full"
         if mode == "full":
             self._full(rid, output, files)
@@ -155,6 +155,11 @@ class Publisher:
         log.info("snapshot: run %s published as version %d of %s (%s)", rid, version, self.uri, mode)
         self._forget_unplanned_records(rid)
         return {"run": rid, "version": version, "mode": mode, **files.counts()}
+
+    def _recorded(self, rid: str) -> bool:
+        """Whether run `rid` has its present record (plans made before it existed have none)."""
+        uri = self.plan(rid).get("present")
+        return bool(uri) and self.table.fs.exists(resolve(uri, self.table.opts)[1])
 
     def _tonight(self, rid: str, output: pa.Schema, schema: pa.Schema) -> pa.Table:
         """Run `rid`'s rows as snapshot rows, sorted by image_id, one per image."""
