@@ -317,10 +317,16 @@ def read_files(model: str) -> tuple[dict, dict] | None:
     return config, processor
 
 
-def _spec(r: Route, processor: dict):
+def _spec(r: Route, config: dict, processor: dict):
     from omnilmm_ray.vision import PROCESSORS
 
-    return PROCESSORS[r.processor](r.arch, processor) if r.processor else None
+    # TurboMind runs the model in its config's dtype (float16 for AWQ checkpoints), else bfloat16 here
+    dtype = (
+        "float16"
+        if _nested(config, "torch_dtype") == "float16" or config.get("dtype") == "float16"
+        else "bfloat16"
+    )
+    return PROCESSORS[r.processor](r.arch, processor, dtype) if r.processor else None
 
 
 def cpu_processor(model: str, backend: str = "auto"):
@@ -333,7 +339,7 @@ def cpu_processor(model: str, backend: str = "auto"):
         r = route(files[0], model, backend)
     except Refused:  # the engine actor refuses it, with this reason, before any shard is read
         return None
-    return _spec(r, files[1])
+    return _spec(r, *files)
 
 
 def check(model: str, backend: str = "auto") -> dict:
@@ -348,7 +354,7 @@ def check(model: str, backend: str = "auto") -> dict:
     r = route(files[0], model, backend)
     return {
         **r.describe(),
-        "processor_on_cpu_workers": _spec(r, files[1]) is not None,
+        "processor_on_cpu_workers": _spec(r, *files) is not None,
         "checked_with": f"omnilmm-ray's table of lmdeploy {LMDEPLOY} (models.py)",
     }
 

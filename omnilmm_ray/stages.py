@@ -228,7 +228,7 @@ class CaptionStage:
         if self.vision is None:
             return pixels_to_image(pixels, pw, ph)
         key = f"{r['sha256']}|{pw}x{ph}{self._fingerprint_settings}".encode()
-        return Prepared(pixels, (pw, ph), hashlib.sha256(key).digest())
+        return Prepared(pixels, (pw, ph), hashlib.sha256(key).digest(), self.vision.dtype)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.metrics.enter()  # batches in this actor: running, or waiting for a call thread

@@ -38,6 +38,7 @@ class VisionSpec:
     image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
     image_std: tuple[float, ...] = OPENAI_CLIP_STD
     rescale_factor: float = 1 / 255
+    dtype: str = "bfloat16"  # the model's: TurboMind runs the ViT in it, float16 for AWQ checkpoints
 
     @property
     def factor(self) -> int:
@@ -54,7 +55,7 @@ class VisionSpec:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def qwen2_vl_spec(arch: str, processor: dict) -> VisionSpec | None:
+def qwen2_vl_spec(arch: str, processor: dict, dtype: str = "bfloat16") -> VisionSpec | None:
     """A Qwen2-VL-family preprocessor_config.json -> a spec, or None when it is configured differently from
     the processor reproduced here (the engine then runs the model's own)."""
     size = processor.get("size") or {}
@@ -74,10 +75,11 @@ def qwen2_vl_spec(arch: str, processor: dict) -> VisionSpec | None:
         image_mean=tuple(processor.get("image_mean", OPENAI_CLIP_MEAN)),
         image_std=tuple(processor.get("image_std", OPENAI_CLIP_STD)),
         rescale_factor=float(processor.get("rescale_factor", 1 / 255)),
+        dtype=dtype,
     )
 
 
-# models.Family.processor -> (architecture, preprocessor_config.json) -> VisionSpec | None
+# models.Family.processor -> (architecture, preprocessor_config.json, model dtype) -> VisionSpec | None
 PROCESSORS = {"qwen2_vl": qwen2_vl_spec}
 
 
@@ -88,7 +90,7 @@ def _bf16_bits(x: np.ndarray) -> np.ndarray:
 
 
 def patches(im: Image.Image, spec: VisionSpec) -> tuple[bytes, int, int]:
-    """An RGB image already at `spec.target_size` -> (bfloat16 patch bytes, grid_h, grid_w).
+    """An RGB image already at `spec.target_size` -> (patch bytes in `spec.dtype`, grid_h, grid_w).
 
     Same steps as transformers' Qwen2VLImageProcessor: rescale, normalise, repeat the frame to fill the
     temporal patch, then lay out patches merge-group by merge-group; rows are patches of `patch_dim` values.
@@ -103,4 +105,7 @@ def patches(im: Image.Image, spec: VisionSpec) -> tuple[bytes, int, int]:
     gh, gw = h // p, w // p
     x = np.broadcast_to(x[None], (t, 3, h, w))  # one frame repeated to the temporal patch size
     x = x.reshape(1, t, 3, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return _bf16_bits(x.reshape(gh * gw, spec.patch_dim)).tobytes(), gh, gw
+    x = x.reshape(gh * gw, spec.patch_dim)
+    # float16 rounds to nearest even in numpy as in torch's `.to(float16)`
+    bits = x.astype(np.float16).view(np.uint16) if spec.dtype == "float16" else _bf16_bits(x)
+    return bits.tobytes(), gh, gw

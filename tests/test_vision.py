@@ -45,7 +45,9 @@ def test_spec_from_the_processor_config():
     tf5 = {k: v for k, v in QWEN2_PROCESSOR.items() if "pixels" not in k}
     tf5["size"] = {"shortest_edge": 3136, "longest_edge": 200704}
     assert qwen2_vl_spec("Qwen2VLForConditionalGeneration", tf5).max_pixels == 200704
-    assert qwen2_vl_spec("Qwen2VLForConditionalGeneration", {**QWEN2_PROCESSOR, "do_normalize": False}) is None
+    assert (
+        qwen2_vl_spec("Qwen2VLForConditionalGeneration", {**QWEN2_PROCESSOR, "do_normalize": False}) is None
+    )
 
 
 def test_the_processor_is_read_from_a_model_folder(tmp_path):
@@ -90,6 +92,19 @@ def test_patch_layout_and_values_against_a_loop_reference():
                     np.testing.assert_allclose(got[k], expect, rtol=2**-8, atol=1e-6)
                     k += 1
     assert k == gh * gw
+
+
+def test_float16_patches_for_a_float16_model():
+    """An AWQ checkpoint runs in float16 on TurboMind: its patches are float16, the same layout."""
+    rng = np.random.default_rng(1)
+    im = Image.fromarray(rng.integers(0, 256, (56, 84, 3), dtype=np.uint8))
+    bf16 = VisionSpec(arch="Qwen2_5_VLForConditionalGeneration", min_pixels=1, max_pixels=10**9)
+    f16 = VisionSpec(**{**bf16.to_dict(), "dtype": "float16"})
+    (a, gh, gw), (b, gh2, gw2) = patches(im, bf16), patches(im, f16)
+    assert (gh, gw) == (gh2, gw2) and len(a) == len(b)
+    x16 = np.frombuffer(b, np.float16).astype(np.float32)
+    np.testing.assert_allclose(x16, _bf16_to_f32(np.frombuffer(a, np.uint16)), rtol=2**-7, atol=1e-6)
+    assert not np.array_equal(x16, _bf16_to_f32(np.frombuffer(a, np.uint16))), "float16 keeps more bits"
 
 
 def test_bf16_rounds_to_nearest_even():

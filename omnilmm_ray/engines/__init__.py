@@ -32,7 +32,7 @@ class Caption:
 class Prepared:
     """An image already through the model's processor on a CPU worker (vision.py): the engine skips its own.
 
-    `pixels`: bfloat16 patch rows (a buffer, shared with the batch it came in), `size`: the processed
+    `pixels`: patch rows in `dtype` (a buffer, shared with the batch it came in), `size`: the processed
     (width, height), `fingerprint`: identifies the pixels (the image's sha256 and the processing settings)
     so the engine need not hash them.
     """
@@ -40,6 +40,7 @@ class Prepared:
     pixels: memoryview | bytes
     size: tuple[int, int]
     fingerprint: bytes
+    dtype: str = "bfloat16"  # of `pixels` (vision.VisionSpec.dtype)
 
 
 class EngineDied(RuntimeError):

@@ -199,7 +199,8 @@ def _accept_prepared(pipe) -> bool:
     lmdeploy 0.18 runs `VisionModel.preprocess(messages)` on one executor thread per engine and, for
     TurboMind's native Qwen2 ViT, hashes the float32 patches again on the event-loop thread when no
     `fingerprint` is given (turbomind/models/qwen2_vl.py `_resolve_fingerprint`). A Prepared item arrives
-    as bfloat16 patches with a fingerprint, so both steps cost nothing; anything else goes to the model's
+    as patches in the model's dtype (TurboMind converts any other, turbomind/models/vision_utils.py
+    `to_tm_tensor`) with a fingerprint, so both steps cost nothing; anything else goes to the model's
     own processor. The output dict has the keys lmdeploy's Qwen2VLModel.preprocess produces.
     """
     import torch
@@ -224,7 +225,7 @@ def _accept_prepared(pipe) -> bool:
             w, h = p.size
             with warnings.catch_warnings():  # read-only buffer: lmdeploy only reads it
                 warnings.simplefilter("ignore", UserWarning)
-                pixels = torch.frombuffer(p.pixels, dtype=torch.bfloat16).view(-1, patch_dim)
+                pixels = torch.frombuffer(p.pixels, dtype=getattr(torch, p.dtype)).view(-1, patch_dim)
             grid = torch.tensor([[1, h // patch, w // patch]])
             outputs.append(
                 dict(

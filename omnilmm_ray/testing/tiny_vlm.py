@@ -1,4 +1,5 @@
-"""Build a tiny, randomly initialised Qwen2-VL that lmdeploy (TurboMind and PyTorch engines) accepts.
+"""Build a tiny, randomly initialised Qwen2-VL that lmdeploy (TurboMind and PyTorch engines) accepts, and
+the pieces every tiny family model shares (tiny_families.py): tokenizer, random init, weight files.
 
 No downloads: the tokenizer is a byte-level BPE trained on the spot, the weights are random. The model
 writes nonsense, but every stage of the real engine runs on it (image processor, vision tower, LM,
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 SPECIAL_TOKENS = [
@@ -80,7 +82,16 @@ QWEN2_VL_2B = {
 }
 
 
-def _tokenizer():
+def tokenizer(
+    special: list[str] = SPECIAL_TOKENS,
+    chat_template: str = CHAT_TEMPLATE,
+    eos: str = "<|im_end|>",
+    pad: str = "<|endoftext|>",
+    vocab: int = VOCAB,
+    **named_tokens: str,
+):
+    """A byte-level BPE of `vocab` ids (special tokens included) with a chat template; `named_tokens`
+    (e.g. context_image_token="<IMG_CONTEXT>") become attributes, as a model's tokenizer_config declares."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -95,41 +106,109 @@ def _tokenizer():
         "system user assistant",
     ]
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB - len(SPECIAL_TOKENS),
+        vocab_size=vocab - len(special),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus * 50, trainer)
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_special_tokens(special)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
+        eos_token=eos,
+        pad_token=pad,
         unk_token=None,
-        additional_special_tokens=SPECIAL_TOKENS,
+        additional_special_tokens=special,
+        **({"extra_special_tokens": named_tokens} if named_tokens else {}),
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     # Cover every id the model can emit, or detokenizing a random model's output meets unknown ids.
-    fast.add_tokens([f"<|extra_{i}|>" for i in range(VOCAB - len(fast))])
-    assert len(fast) == VOCAB, len(fast)
+    fast.add_tokens([f"<|extra_{i}|>" for i in range(vocab - len(fast))])
+    assert len(fast) == vocab, len(fast)
     return fast
 
 
-def build(out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16", shapes: dict | None = None) -> Path:
-    """Write the model folder; `shapes` (e.g. QWEN2_VL_2B) overrides the tiny text/vision sizes."""
-    import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = _tokenizer()
+def qwen_token_ids(tok) -> dict:
+    """The config's ids of the Qwen-VL image and video tokens."""
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    token_ids = dict(
+    return dict(
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
+
+
+def init_model(model_cls, cfg, dtype: str, seed: int):
+    """`model_cls(cfg)` with random weights that make different inputs give different outputs."""
+    import torch
+
+    torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = model_cls(cfg).to(getattr(torch, dtype))
+    with torch.no_grad():  # default init is too flat for a 2-layer model: make different inputs differ
+        for name, p in model.named_parameters():
+            if "norm" in name or ".ln" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                p.normal_(std=min(0.05, 0.8 / p.shape[-1] ** 0.5))
+    return model
+
+
+def save_weights(model, out: Path, rename: Callable[[str], str] = lambda k: k) -> dict:
+    """Write model.safetensors under the key names lmdeploy 0.18 loads (`rename` maps transformers 5's)."""
+    from safetensors.torch import save_file
+
+    state = {rename(k): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return state
+
+
+def write_json(out: Path, name: str, obj: dict) -> None:
+    (out / name).write_text(json.dumps(obj, indent=1))
+
+
+def write_generation_config(out: Path, tok, eos: list[str], pad: str, bos: str | None = None) -> None:
+    write_json(
+        out,
+        "generation_config.json",
+        {
+            "bos_token_id": tok.convert_tokens_to_ids(bos or pad),
+            "eos_token_id": [tok.convert_tokens_to_ids(t) for t in eos],
+            "pad_token_id": tok.convert_tokens_to_ids(pad),
+            "do_sample": False,
+        },
+    )
+
+
+def save_video_processor(out: Path, cls_name: str, processor_class: str, kwargs: dict, size: dict) -> None:
+    """A processor bundles a video processor, which needs torchvision; write its config by hand when the
+    class cannot be built here (the image path never uses it)."""
+    import transformers
+
+    try:
+        getattr(transformers, cls_name)(**kwargs).save_pretrained(out)
+    except ImportError:
+        write_json(
+            out,
+            "video_preprocessor_config.json",
+            {"video_processor_type": cls_name, "processor_class": processor_class, **kwargs, "size": size},
+        )
+
+
+def rename_qwen2_vl(k: str) -> str:
+    """lmdeploy 0.18 loads the original Qwen2-VL / Qwen2.5-VL key names; transformers 5 saves
+    model.language_model.* and model.visual.*."""
+    return k.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
+
+
+def build(out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16", shapes: dict | None = None) -> Path:
+    """Write the model folder; `shapes` (e.g. QWEN2_VL_2B) overrides the tiny text/vision sizes."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = tokenizer()
     shapes = shapes or {}
     text = {
         **TEXT,
@@ -137,72 +216,35 @@ def build(out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16", shapes: d
         "rope_theta": ROPE["rope_theta"],
         "rope_scaling": {"type": "mrope", **ROPE},
         "rope_parameters": ROPE,
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
+        "bos_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),
+        "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),
         "dtype": dtype,
         "torch_dtype": dtype,
     }
     vision = {**VISION, **shapes.get("vision", {}), "dtype": dtype}
-    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **token_ids)
-    torch.manual_seed(seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = Qwen2VLForConditionalGeneration(cfg).to(getattr(torch, dtype))
-    with torch.no_grad():  # default init is too flat for a 2-layer model: make different inputs differ
-        for name, p in model.named_parameters():
-            if "norm" in name or ".ln" in name:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            else:
-                p.normal_(std=min(0.05, 0.8 / p.shape[-1] ** 0.5))
-    # lmdeploy 0.18 loads the original Qwen2-VL key names; transformers 5 saves model.language_model.* and
-    # model.visual.*, so rename before writing.
-    state = {}
-    for k, v in model.state_dict().items():
-        k = k.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
-        state[k] = v.detach().to("cpu").contiguous()
-    from safetensors.torch import save_file
-
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **qwen_token_ids(tok))
+    model = init_model(Qwen2VLForConditionalGeneration, cfg, dtype, seed)
+    save_weights(model, out, rename_qwen2_vl)
     cfg_dict = cfg.to_dict()
     cfg_dict.update({k: v for k, v in text.items() if k not in cfg_dict or k in ("rope_scaling", "dtype")})
     cfg_dict["architectures"] = ["Qwen2VLForConditionalGeneration"]
     cfg_dict["model_type"] = "qwen2_vl"
     cfg_dict["torch_dtype"] = cfg_dict["dtype"] = dtype
-    (out / "config.json").write_text(json.dumps(cfg_dict, indent=1))
-    (out / "generation_config.json").write_text(
-        json.dumps(
-            {
-                "bos_token_id": ids["<|endoftext|>"],
-                "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-                "pad_token_id": ids["<|endoftext|>"],
-                "do_sample": False,
-            }
-        )
-    )
+    write_json(out, "config.json", cfg_dict)
+    write_generation_config(out, tok, eos=["<|im_end|>", "<|endoftext|>"], pad="<|endoftext|>")
     proc = dict(
-        min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=14, temporal_patch_size=2, merge_size=2
+        min_pixels=MIN_PIXELS,
+        max_pixels=MAX_PIXELS,
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
     )
     Qwen2VLImageProcessor(**proc).save_pretrained(out)
     tok.save_pretrained(out)
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    # The processor bundles a video processor, which needs torchvision; write its config by hand when the
-    # class cannot be built here (the image path never uses it).
-    try:
-        from transformers import Qwen2VLVideoProcessor
-
-        Qwen2VLVideoProcessor(**proc).save_pretrained(out)
-    except ImportError:
-        (out / "video_preprocessor_config.json").write_text(
-            json.dumps(
-                {
-                    "video_processor_type": "Qwen2VLVideoProcessor",
-                    "processor_class": "Qwen2VLProcessor",
-                    **proc,
-                    "size": {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS},
-                }
-            )
-        )
-    (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
+    size = {"shortest_edge": proc["min_pixels"], "longest_edge": proc["max_pixels"]}
+    save_video_processor(out, "Qwen2VLVideoProcessor", "Qwen2VLProcessor", proc, size)
+    write_json(out, "processor_config.json", {"processor_class": "Qwen2VLProcessor"})
     return out
 
 

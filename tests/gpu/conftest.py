@@ -35,6 +35,21 @@ def tiny_model(tmp_path_factory):
     return str(build(tmp_path_factory.mktemp("models") / "tiny-Qwen2-VL"))
 
 
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """name -> the folder of omnilmm_ray.testing.tiny_families' model of that family, built once a session."""
+    from omnilmm_ray.testing.tiny_families import BUILDERS, build
+
+    built: dict[str, str] = {}
+
+    def get(name: str) -> str:
+        if name not in built:
+            built[name] = str(build(name, tmp_path_factory.mktemp("models") / BUILDERS[name].folder))
+        return built[name]
+
+    return get
+
+
 @pytest.fixture(scope="module")
 def ray_gpu():
     """Local Ray for a module's job tests; its workers import the project from this checkout."""

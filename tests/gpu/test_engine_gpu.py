@@ -34,6 +34,13 @@ def test_captions_256_images_each_response_mapped(turbomind):
     print(f"redecoded empty Response.text: {turbomind.redecoded}/256")
 
 
+def test_the_engine_showed_it_captions_from_the_image(turbomind):
+    """engines/sight.py ran when the engine was built: 64 image tokens (224x224) plus the vision markers."""
+    print("image check:", turbomind.sight)
+    assert all(64 <= n <= 68 for n in turbomind.sight["image_tokens_added"])
+    assert turbomind.sight["distinct_answers"] > 1
+
+
 def test_greedy_is_deterministic_and_the_image_reaches_the_model(turbomind):
     a, _ = draw(1, size=(224, 224))
     b, _ = draw(2, size=(224, 224))
@@ -59,9 +66,10 @@ def test_patches_from_the_cpu_workers_match_the_engines_own_processor(turbomind,
     from transformers import AutoProcessor
 
     from omnilmm_ray.engines import Prepared
-    from omnilmm_ray.vision import load_spec, patches
+    from omnilmm_ray.models import cpu_processor
+    from omnilmm_ray.vision import patches
 
-    spec = load_spec(tiny_model)
+    spec = cpu_processor(tiny_model)
     assert spec is not None and turbomind.takes_prepared
     hf = AutoProcessor.from_pretrained(tiny_model).image_processor
     images, prepared, mismatched, total = [], [], 0, 0

@@ -1,0 +1,338 @@
+"""Tiny random-weight models of the VLM families the job serves, one builder per family, each written the way
+lmdeploy 0.18 loads the published checkpoints (key names, config fields) and built offline with the shared
+pieces of tiny_vlm.py. The GPU tests (tests/gpu/test_families_gpu.py) run the engine adapter and the whole
+job on each; `BUILDERS` names them. Needs torch, transformers 5 and tokenizers.
+
+    python -m omnilmm_ray.testing.tiny_families qwen2_5_vl /tmp/tiny-Qwen2.5-VL
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from omnilmm_ray.testing.tiny_vlm import (
+    CHAT_TEMPLATE,
+    MAX_PIXELS,
+    MIN_PIXELS,
+    TEXT,
+    init_model,
+    qwen_token_ids,
+    rename_qwen2_vl,
+    save_video_processor,
+    save_weights,
+    tokenizer,
+    write_generation_config,
+    write_json,
+)
+
+SIZE = 224  # the GPU tests' images: the token counts below are for this size
+
+
+def _config_dict(cfg, arch: str, dtype: str, text: dict) -> dict:
+    """config.json: transformers' own dict, plus `dtype` in every sub-config (lmdeploy's PyTorch engine falls
+    back to float16 otherwise) and the pre-v5 rope fields older readers look for."""
+    d = cfg.to_dict()
+    d["architectures"] = [arch]
+    d["dtype"] = d["torch_dtype"] = dtype
+    for sub in ("text_config", "vision_config"):
+        if isinstance(d.get(sub), dict):
+            d[sub]["dtype"] = d[sub]["torch_dtype"] = dtype
+    rope = text.get("rope_parameters")
+    if rope:
+        d["text_config"].setdefault("rope_theta", rope["rope_theta"])
+        d["text_config"]["rope_scaling"] = dict(rope)
+    return d
+
+
+def _qwen(out: Path, seed: int, dtype: str, family: str) -> Path:
+    """Qwen2.5-VL, Qwen3-VL and Qwen3.5: a Qwen tokenizer, a Qwen2-VL-style processor, mrope."""
+    import transformers
+
+    tok = tokenizer()
+    eos, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    ids = qwen_token_ids(tok)
+    if family == "qwen2_5_vl":
+        arch, rename = "Qwen2_5_VLForConditionalGeneration", rename_qwen2_vl
+        rope = {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1_000_000.0}
+        text = {**TEXT, "rope_parameters": rope}
+        # head_dim 64: TurboMind's Qwen2 ViT takes 64 or 80; window 112 px as published, full attention in block 1
+        vision = dict(
+            depth=2,
+            hidden_size=128,
+            intermediate_size=256,
+            num_heads=2,
+            out_hidden_size=256,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[1],
+            hidden_act="silu",
+        )
+        processor, video = "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor"
+        cfg_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+        proc = dict(
+            min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=14, temporal_patch_size=2, merge_size=2
+        )
+        size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
+    else:
+        # Qwen3-VL / Qwen3.5: patch 16, the processor's budget in `size`, mean and std 0.5; as published
+        # (model.language_model.*, model.visual.*), which lmdeploy 0.18 loads as they are
+        rename, processor, video = lambda k: k, "Qwen3VLProcessor", "Qwen3VLVideoProcessor"
+        size = {"shortest_edge": 64 * 64, "longest_edge": SIZE * SIZE}
+        proc = dict(
+            patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        )
+        vision = dict(
+            depth=2,
+            hidden_size=128,
+            intermediate_size=256,
+            num_heads=2,
+            out_hidden_size=256,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=256,
+            hidden_act="gelu_pytorch_tanh",
+        )
+        if family == "qwen3_vl":
+            arch = "Qwen3VLForConditionalGeneration"
+            rope = {"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True}
+            text = {**TEXT, "head_dim": 128, "rope_parameters": {**rope, "rope_theta": 5_000_000.0}}
+            vision["deepstack_visual_indexes"] = [0]
+            cfg_cls, model_cls = transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration
+        else:  # Qwen3.5: Gated DeltaNet (linear attention) then gated full attention, as in the published 3:1
+            arch = "Qwen3_5ForConditionalGeneration"
+            rope = {"rope_type": "default", "mrope_section": [11, 11, 10], "mrope_interleaved": True}
+            text = {
+                **TEXT,
+                "num_key_value_heads": 1,
+                "head_dim": 256,
+                "rope_parameters": {**rope, "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25},
+                "layer_types": ["linear_attention", "full_attention"],
+                "linear_num_key_heads": 2,
+                "linear_num_value_heads": 2,
+                "linear_key_head_dim": 128,
+                "linear_value_head_dim": 128,
+                "linear_conv_kernel_dim": 4,
+            }
+            cfg_cls, model_cls = transformers.Qwen3_5Config, transformers.Qwen3_5ForConditionalGeneration
+    text = {**text, "bos_token_id": pad, "eos_token_id": eos, "dtype": dtype}
+    cfg = cfg_cls(text_config=text, vision_config={**vision, "dtype": dtype}, **ids)
+    model = init_model(model_cls, cfg, dtype, seed)
+    save_weights(model, out, rename)
+    write_json(out, "config.json", _config_dict(cfg, arch, dtype, text))
+    write_generation_config(out, tok, eos=["<|im_end|>", "<|endoftext|>"], pad="<|endoftext|>")
+    transformers.Qwen2VLImageProcessor(**proc, size=size).save_pretrained(out)
+    save_video_processor(out, video, processor, proc, size)
+    tok.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    write_json(out, "processor_config.json", {"processor_class": processor})
+    return out
+
+
+def _llava_layout(vision_tower: str = "vision_tower."):
+    """Key names of checkpoints published before transformers 5 for LLaVA-style models (language_model.model.*,
+    language_model.lm_head, vision_tower.*, multi_modal_projector.*), from transformers 5's model.*."""
+
+    def rename(k: str) -> str:
+        for new, old in (
+            ("language_model.model.", "model.language_model."),
+            ("language_model.lm_head.", "lm_head."),
+            (vision_tower, "model.vision_tower."),
+            ("multi_modal_projector.", "model.multi_modal_projector."),
+        ):
+            if k.startswith(old):
+                return new + k[len(old) :]
+        raise KeyError(f"unexpected weight {k}")
+
+    return rename
+
+
+INTERNVL_TOKENS = dict(
+    start_image_token="<img>",
+    end_image_token="</img>",
+    context_image_token="<IMG_CONTEXT>",
+    video_token="<video>",
+)
+# InternVL's processor expands <IMG_CONTEXT> to the image's tiles; lmdeploy writes its own placeholders
+INTERNVL_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n"
+)
+INTERNVL_TILE = 112  # px per tile: (112 / 14)^2 patches, pixel-shuffled by 0.5 -> 16 tokens per tile
+
+
+def _internvl(out: Path, seed: int, dtype: str) -> Path:
+    """InternVL3 in Hugging Face format (-hf): InternViT + MLP projector + a Qwen2 language model."""
+    import transformers
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *INTERNVL_TOKENS.values()]
+    tok = tokenizer(special, INTERNVL_CHAT_TEMPLATE, **INTERNVL_TOKENS)
+    eos, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    text = {
+        **TEXT,
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
+        "bos_token_id": pad,
+        "eos_token_id": eos,
+        "dtype": dtype,
+    }
+    vision = dict(
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,  # head_dim 64
+        intermediate_size=256,
+        image_size=[INTERNVL_TILE, INTERNVL_TILE],
+        patch_size=[14, 14],
+        attention_bias=True,
+        norm_type="layer_norm",
+        use_qk_norm=False,
+        use_mean_pooling=True,
+        dtype=dtype,
+    )
+    seq = (INTERNVL_TILE // 14) ** 2 // 4
+    cfg = transformers.InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=seq,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+    model = init_model(transformers.InternVLForConditionalGeneration, cfg, dtype, seed)
+
+    save_weights(model, out, _llava_layout())  # the -hf checkpoints' (turbomind/models/internvl.py maps it)
+    write_json(out, "config.json", _config_dict(cfg, "InternVLForConditionalGeneration", dtype, text))
+    write_generation_config(out, tok, eos=["<|im_end|>", "<|endoftext|>"], pad="<|endoftext|>")
+    proc = dict(
+        size={"height": INTERNVL_TILE, "width": INTERNVL_TILE},
+        crop_to_patches=False,
+        min_patches=1,
+        max_patches=4,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+    transformers.GotOcr2ImageProcessor(**proc).save_pretrained(out)
+    save_video_processor(out, "InternVLVideoProcessor", "InternVLProcessor", {}, proc["size"])
+    tok.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(INTERNVL_CHAT_TEMPLATE)
+    write_json(
+        out, "processor_config.json", {"processor_class": "InternVLProcessor", "image_seq_length": seq}
+    )
+    return out
+
+
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %} {% else %}ASSISTANT: "
+    "{{ message['content'] }}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+LLAVA_IMAGE = 112  # CLIP input size: (112 / 14)^2 = 64 image tokens
+
+
+def _llava(out: Path, seed: int, dtype: str) -> Path:
+    """LLaVA-1.5 in Hugging Face format (llava-hf): CLIP vision tower + projector + a Llama language model."""
+    import transformers
+
+    special = ["<s>", "</s>", "<pad>", "<image>"]
+    tok = tokenizer(special, LLAVA_CHAT_TEMPLATE, eos="</s>", pad="<pad>")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in special}
+    text = {
+        **TEXT,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "head_dim": 128,
+        "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0},
+        "bos_token_id": ids["<s>"],
+        "eos_token_id": ids["</s>"],
+        "pad_token_id": ids["<pad>"],
+        "dtype": dtype,
+    }
+    vision = dict(
+        model_type="clip_vision_model",
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=LLAVA_IMAGE,
+        patch_size=14,
+        projection_dim=128,
+        dtype=dtype,
+    )
+    cfg = transformers.LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=ids["<image>"],
+        image_seq_length=(LLAVA_IMAGE // 14) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_token_id=ids["<pad>"],
+        tie_word_embeddings=False,
+    )
+    model = init_model(transformers.LlavaForConditionalGeneration, cfg, dtype, seed)
+
+    # llava-hf's layout, which lmdeploy's pytorch/models/llava.py loads; transformers 5 drops the CLIP tower's
+    # `vision_model.` (conversion_mapping.py: CLIPVisionModel) that the published checkpoints have
+    save_weights(model, out, _llava_layout("vision_tower.vision_model."))
+    write_json(out, "config.json", _config_dict(cfg, "LlavaForConditionalGeneration", dtype, text))
+    write_generation_config(out, tok, eos=["</s>"], pad="<pad>", bos="<s>")
+    transformers.CLIPImageProcessor(
+        size={"shortest_edge": LLAVA_IMAGE}, crop_size={"height": LLAVA_IMAGE, "width": LLAVA_IMAGE}
+    ).save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(LLAVA_CHAT_TEMPLATE)
+    write_json(
+        out,
+        "processor_config.json",
+        {
+            "processor_class": "LlavaProcessor",
+            "patch_size": 14,
+            "vision_feature_select_strategy": "default",
+            "num_additional_image_tokens": 1,
+        },
+    )
+    return out
+
+
+def _qwen2_5_vl_awq(out: Path, seed: int, dtype: str) -> Path:
+    """Qwen2.5-VL with its language model in AWQ int4 (tiny_awq.py), float16 like the published AWQ models."""
+    from omnilmm_ray.testing.tiny_awq import quantize_folder
+
+    return quantize_folder(_qwen(out, seed, "float16", "qwen2_5_vl"))
+
+
+@dataclass(frozen=True)
+class Tiny:
+    build: Callable[[Path, int, str], Path]
+    folder: str  # the model folder's name (lmdeploy matches some chat templates by path; these match none)
+    backend: str  # what lmdeploy 0.18 picks under engine.backend=auto
+    image_tokens: int  # at least this many input tokens for a SIZE x SIZE image
+
+
+BUILDERS = {
+    "qwen2_5_vl": Tiny(
+        partial(_qwen, family="qwen2_5_vl"), "tiny-Qwen2.5-VL", "turbomind", (SIZE // 28) ** 2
+    ),
+    "qwen2_5_vl_awq": Tiny(_qwen2_5_vl_awq, "tiny-Qwen2.5-VL-AWQ", "turbomind", (SIZE // 28) ** 2),
+    "internvl3_hf": Tiny(_internvl, "tiny-InternVL3-hf", "turbomind", (INTERNVL_TILE // 28) ** 2),
+    "qwen3_5": Tiny(partial(_qwen, family="qwen3_5"), "tiny-Qwen3.5", "turbomind", (SIZE // 32) ** 2),
+    "qwen3_vl": Tiny(partial(_qwen, family="qwen3_vl"), "tiny-Qwen3-VL", "pytorch", (SIZE // 32) ** 2),
+    "llava_hf": Tiny(_llava, "tiny-llava-hf", "pytorch", (LLAVA_IMAGE // 14) ** 2),
+}
+
+
+def build(family: str, out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16") -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return BUILDERS[family].build(out, seed, dtype)
+
+
+if __name__ == "__main__":
+    print(build(sys.argv[1], sys.argv[2]))
