@@ -161,7 +161,6 @@ def processor_offload(cfg: JobConfig):
     return spec
 
 
-def _gpus_in_use() -> float:
 def describe_model(cfg: JobConfig) -> dict:
     """The dry run's model check, without lmdeploy (models.py's table); a model no engine captions from
     the image is a ConfigError (exit 2)."""
@@ -182,6 +181,7 @@ def _not_set(cfg: JobConfig) -> list[str]:
     return [k for k, v in given.items() if v.startswith("<not set")]
 
 
+def _gpus_in_use() -> float:
     """GPUs held on the cluster now: on the job's own Ray cluster (a RayJob's), its engine actors'."""
     import ray
 
@@ -245,7 +245,6 @@ def run_job(
 ) -> dict:
     """`table`: from `precheck`, when the entrypoint ran it; `wait_for_gpus`: see `require_gpus`."""
     if dry_run:
-        table = check_output(cfg, write=False)
         model = describe_model(cfg)
         missing = _not_set(cfg)
         if len(missing) == 2:  # `--dry-run --model X` alone checks the model (a Ray head without lmdeploy)
@@ -253,6 +252,7 @@ def run_job(
         if missing:
             flag = "--input" if missing[0] == "inputs" else "--output"
             raise ConfigError(f"{missing[0]}: missing; pass {flag} or set '{missing[0]}' in the config file")
+        table = check_output(cfg, write=False)
         with storage_access("inputs", cfg.inputs):  # the output answered: a storage error is the inputs'
             return {
                 "dry_run": {**describe(cfg, table.open_run(cfg, write=False, listings=False)), "model": model}
