@@ -57,7 +57,7 @@ FAMILIES: tuple[Family, ...] = (
         ("Qwen2VLForConditionalGeneration",),
         "turbomind",
         "qwen2_vl",
-        gpu_run="2026-11-27",
+        gpu_run="2026-12-01",
         notes="patches identical to transformers' processor",
     ),
     Family(

@@ -58,6 +58,10 @@ def resolve(cfg: EngineConfig) -> models.Route:
     log.info("lmdeploy imported in %.1fs", time.monotonic() - t0)  # most of an engine actor's start
 
     path = local_model(cfg.model, cfg.cache_dir)
+    files = models.read_files(path)
+    if files and (family := models.family_of(files[0])) and family.refusal:
+        # refused whatever lmdeploy reads (MiniCPM-V's config is remote code it loads only when trusted)
+        models.route(files[0], cfg.model, cfg.backend, lists)
     try:
         arch, hf_cfg = get_model_arch(path, trust_remote_code=cfg.trust_remote_code)
     except Exception as e:
