@@ -227,11 +227,14 @@ def _internvl(out: Path, seed: int, dtype: str) -> Path:
     return out
 
 
-LLAVA_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% if message['content'] is string %}"
-    "{{ message['content'] }}{% else %}{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %} {% else %}ASSISTANT: "
-    "{{ message['content'] }}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+# LLaVA-1.5's USER/ASSISTANT turns; each ends with a newline, so lmdeploy's HFChatTemplate (model.py) finds the
+# end of a user turn (a turn ending in a space, as llava-hf's own template does, makes it find an earlier space)
+LLAVA_CHAT_TEMPLATE = (  # newlines as expressions: transformers renders with trim_blocks
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'USER: ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}{{ '<image>\\n' }}{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '\\n' }}{% else %}{{ 'ASSISTANT: ' + message['content'] + '</s>\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 LLAVA_IMAGE = 112  # CLIP input size: (112 / 14)^2 = 64 image tokens
 

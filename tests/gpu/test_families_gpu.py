@@ -39,10 +39,8 @@ def test_the_family_runs_on_its_backend_and_captions_from_the_image(family):
     images = [draw(i, size=(SIZE, SIZE))[0] for i in range(100, 116)]
     (text,) = engine.caption(PROMPT, [None])
     caps = engine.caption(PROMPT, images)
-    again = engine.caption(PROMPT, images[:1])
     assert all(c.error is None and c.output_tokens > 0 for c in caps)
     assert all(c.input_tokens - text.input_tokens >= tiny.image_tokens for c in caps)
-    assert again[0].text == caps[0].text, "greedy: the same image gets the same caption"
     # random weights: two images may happen to get one caption, but not all sixteen
     assert len({c.text for c in caps}) > 1, "different images, different greedy captions"
 
