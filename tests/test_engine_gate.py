@@ -147,3 +147,31 @@ def test_a_refusal_stays_when_another_actor_opens_the_gate(tmp_path):
         CaptionStage(blind, str(tmp_path), gate_key=key2)
     with pytest.raises(gate.EngineRefused, match="not captioned from the image"):
         gate.wait_open(key2, 0)
+
+
+@pytest.mark.parametrize("gpu_run, during_build", [("2026-12-01", {"backend": "turbomind"}), (None, None)])
+def test_only_a_family_proven_on_a_gpu_reads_while_its_engine_builds(
+    monkeypatch, tmp_path, gpu_run, during_build
+):
+    """A family whose GPU tests ran with this lmdeploy opens the gate at once (reads start beside the engine's
+    build); any other only once its engine passed the image check. A failed check shuts it either way."""
+    from omnilmm_ray import stages
+    from omnilmm_ray.models import LMDEPLOY, Route
+
+    route = Route(
+        "m", "Qwen2VLForConditionalGeneration", "Qwen2-VL", "turbomind", None, None, gpu_run, LMDEPLOY
+    )
+    key, seen = gate.new_key(), []
+
+    def blind_engine(*args, **kwargs):
+        seen.append(gate.peek(key))
+        raise ImageBlind("engine.model: 'm' is not captioned from the image")
+
+    monkeypatch.setattr(stages, "resolve", lambda cfg: route)
+    monkeypatch.setattr(stages, "make_engine", blind_engine)
+    cfg = JobConfig(inputs=["x"], output=str(tmp_path), engine={"backend": "turbomind"})
+    with pytest.raises(ImageBlind):
+        CaptionStage(cfg, "", gate_key=key)
+    assert seen == [during_build]
+    with pytest.raises(gate.EngineRefused, match="not captioned from the image"):
+        gate.wait_open(key, 0)
