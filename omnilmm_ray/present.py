@@ -6,8 +6,9 @@
 Plans list only the shards a run reads (new, changed, retried); this record lists everything, as planning
 streams the listing anyway, so that publishing the snapshot (snapshot.py) tells what left the inputs since
 the night before with one streaming pass over two records (`diff_present`), holding neither. A plan names
-its record (`present`); plans made before have none. A job that stops before writing its plan leaves its
-record unnamed by any plan; snapshot.py removes such records once a later run is published.
+its record (`present`); plans made before have none. Once a run is published, snapshot.py removes the
+records of earlier runs (and of jobs that stopped before writing their plan): no publish reads them again.
+A record costs ~22 bytes per file with S3 ETags as fingerprints, ~4 with local modification times.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ Columns: `image_id` (a tar/Parquet image: `<source>#<sample_index>`; a loose fil
 shard file's URI, or the loose file's folder), `run`, `settings` (that run's settings fingerprint, compact
 JSON), then the output table's columns (schema.output_schema: one row per image, each named prompt's
 caption in its own columns). The `run=` partitions stay the exactly-once log; the snapshot is derived from
-them and from the runs' present records (present.py), so a publish can always be redone.
+them and from the newest runs' present records (present.py), so the newest run's publish can always be
+redone (a full write).
 
 Publishing run R when the snapshot holds R's predecessor P is incremental: tonight's rows are R's shard
 files; what left the inputs comes from one streaming pass over P's and R's present records. Candidate files
@@ -153,7 +154,7 @@ class Publisher:
         guard()
         version = files.commit(d, mode, run_number(rid), APP_ID)
         log.info("snapshot: run %s published as version %d of %s (%s)", rid, version, self.uri, mode)
-        self._forget_unplanned_records(rid)
+        self._forget_older_records(rid)
         return {"run": rid, "version": version, "mode": mode, **files.counts()}
 
     def _recorded(self, rid: str) -> bool:
@@ -220,17 +221,18 @@ class Publisher:
         finally:
             present.close()
 
-    def _forget_unplanned_records(self, rid: str) -> None:
-        """Present records of jobs that stopped before writing their plan (no run folder): never read."""
+    def _forget_older_records(self, rid: str) -> None:
+        """Present records of runs before the published one `rid`: no publish reads them again (the next
+        one compares `rid`'s with its own; a full write reads its own), so at most a few are kept. Also
+        those of jobs that stopped before writing their plan."""
         fs, base = self.table.fs, join(self.table.path, PRESENT_DIR)
-        runs = set(self.table.run_ids())
         try:
             names = [os.path.basename(p) for p in fs.ls(base, detail=False)]
         except FileNotFoundError:
             return
         for n in names:
             m = re.fullmatch(r"(\d{8}T\d{12}Z)\.listing", n)
-            if m and m.group(1) < rid and m.group(1) not in runs:
+            if m and m.group(1) < rid:
                 fs.rm_file(join(base, n))
 
 
