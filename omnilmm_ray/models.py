@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from omnilmm_ray import quantization
+
 LMDEPLOY = "0.18.0"  # the lmdeploy whose lists FAMILIES mirrors (pyproject's `gpu` extra pins it)
 INSTEAD = "use a family README 'Models' lists as run on a GPU, e.g. Qwen2.5-VL or InternVL3 (-hf)"
 PATCH_BACKENDS = ("turbomind", "fake")  # engines that take the CPU workers' patches (engines/*)
@@ -118,10 +120,6 @@ TURBOMIND_TEXT = frozenset(
     "InternLM2ForCausalLM InternLM3ForCausalLM Glm4MoeLiteForCausalLM GptOssForCausalLM MixtralForCausalLM".split()
 )
 _INTERNVL = ("InternVLForConditionalGeneration", "InternVLChatModel", "InternS1ForConditionalGeneration")
-# Quantisation each engine reads from config.json's quantization_config (turbomind/converter.py,
-# pytorch/nn/linear/__init__.py); TurboMind's further conditions are in `_turbomind_reads`.
-TURBOMIND_QUANT = ("awq", "gptq", "fp8", "mxfp4", "compressed-tensors")
-PYTORCH_QUANT = ("awq", "smooth_quant", "modelslim_w8a8_static", "fp8")
 
 
 @dataclass(frozen=True)
@@ -177,17 +175,10 @@ class Route:
             "architecture": self.arch,
             "backend": self.backend,
             "processor_on_cpu_workers": self.processor is not None,
-            "quantization": _quant_name(self.quantization),
+            "quantization": quantization.name(self.quantization),
             "run_on_gpu": self.gpu_run,
             "lmdeploy": self.lmdeploy,
         }
-
-
-def _quant_name(q: dict | None) -> str | None:
-    if not q:
-        return None
-    bits = f" int{q['bits']}" if q.get("bits") else ""
-    return q["method"] + bits + (f" (group {q['group_size']})" if q.get("group_size") else "")
 
 
 def family_of(config: dict) -> Family | None:
@@ -202,48 +193,6 @@ def _arch(config: dict) -> str:
     return (config.get("architectures") or [""])[0]
 
 
-def quantization(config: dict) -> dict | None:
-    """The model's quantization_config (top level or a sub-config's), in short: method, bits, group size."""
-    q = _nested(config, "quantization_config")
-    if not q:
-        return None
-    bits, group = q.get("bits") or q.get("w_bit"), q.get("group_size") or q.get("q_group_size")
-    if q.get("quant_method") == "compressed-tensors":
-        w = ((q.get("config_groups") or {}).get("group_0") or {}).get("weights") or {}
-        bits, group = w.get("num_bits"), w.get("group_size")
-    return {
-        k: v for k, v in {"method": q.get("quant_method"), "bits": bits, "group_size": group}.items() if v
-    }
-
-
-def _nested(config: dict, key: str):
-    if key in config:
-        return config[key]
-    for v in config.values():
-        if isinstance(v, dict) and (found := _nested(v, key)) is not None:
-            return found
-    return None
-
-
-def _turbomind_reads(config: dict) -> bool:
-    """TurboMind 0.18 builds this checkpoint's quantisation (turbomind/converter.py's assertions)."""
-    q = _nested(config, "quantization_config")
-    if not q:
-        return True
-    method = q.get("quant_method")
-    if method in ("awq", "gptq") and int(q.get("group_size") or 128) != 128:
-        return False
-    if method == "awq":
-        return q.get("version", "gemm") == "gemm"
-    if method == "gptq":
-        return not q.get("desc_act", False) and q.get("sym", True)
-    if method == "compressed-tensors":
-        group = (q.get("config_groups") or {}).get("group_0") or {}
-        w = group.get("weights") or {}
-        return group.get("format") == "pack-quantized" and w.get("num_bits") == 4 and w.get("type") == "int"
-    return method in TURBOMIND_QUANT
-
-
 def _refuse(model: str, what: str, why: str, version: str) -> Refused:
     return Refused(f"engine.model: {model!r} ({what}) with lmdeploy {version}: {why}; {INSTEAD}")
 
@@ -253,7 +202,7 @@ def route(config: dict, model: str, backend: str = "auto", lists: Lists = OWN) -
     ValueError naming the model, the lmdeploy version and what to use instead) when none does.
 
     `backend`: engine.backend as configured; "fake" describes the model without refusing it."""
-    arch, fam, quant = _arch(config), family_of(config), quantization(config)
+    arch, fam, quant = _arch(config), family_of(config), quantization.summary(config)
     what = f"{fam.name}, {arch}" if fam else arch or "no architectures in config.json"
 
     def done(chosen: str) -> Route:
@@ -273,7 +222,7 @@ def route(config: dict, model: str, backend: str = "auto", lists: Lists = OWN) -
     turbomind = (
         arch in lists.turbomind
         and (arch not in _INTERNVL or text in lists.turbomind)
-        and _turbomind_reads(config)
+        and quantization.turbomind_reads(config)
     )
     if backend == "turbomind" and not turbomind:
         reason = f"its language model {text}" if arch in _INTERNVL and text not in lists.turbomind else arch
@@ -288,7 +237,7 @@ def route(config: dict, model: str, backend: str = "auto", lists: Lists = OWN) -
         if arch not in _get(lists.pytorch):
             why = f"lmdeploy's PyTorch engine has no implementation of {arch}"
             raise _refuse(model, what, why, lists.version)
-        if quant and quant.get("method") not in PYTORCH_QUANT:
+        if quant and quant.get("method") not in quantization.PYTORCH:
             why = f"neither engine reads its {quant.get('method')} quantisation"
             raise _refuse(model, what, why, lists.version)
     return done(chosen)
@@ -323,7 +272,7 @@ def _spec(r: Route, config: dict, processor: dict):
     # TurboMind runs the model in its config's dtype (float16 for AWQ checkpoints), else bfloat16 here
     dtype = (
         "float16"
-        if _nested(config, "torch_dtype") == "float16" or config.get("dtype") == "float16"
+        if quantization.nested(config, "torch_dtype") == "float16" or config.get("dtype") == "float16"
         else "bfloat16"
     )
     return PROCESSORS[r.processor](r.arch, processor, dtype) if r.processor else None
