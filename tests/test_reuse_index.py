@@ -176,7 +176,7 @@ def test_two_prompt_job_reuses_both_captions_or_asks_only_for_the_missing_one(ra
     assert _job(tmp_path, inputs, out, calls, **prompts) == (0, 4)  # 2 images x 2 prompts
     table = OutputTable(str(out))
     (first,) = table.sealed_runs()
-    index = pq.read_table(out / f"run={first}" / "_reuse" / "all.parquet")
+    index = pq.read_table(out / f"run={first}" / "_reuse" / f"all{reuse.INDEX_SUFFIX}")
     assert len(index) == 4 and set(index.column("prompt").to_pylist()) == {
         "Alt text.",
         "The alt text was: a cat. Describe the image.",
