@@ -37,6 +37,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PROMPT = "Describe this image in one detailed sentence."
+# Random weights with published shapes (config.json of Qwen/Qwen2-VL-2B-Instruct and -7B-Instruct; the 7B's
+# vocabulary is kept at the 2B's 151,936 ids, which the generated tokenizer covers: 0.1 % of its lm_head).
+SHAPES = {
+    "2b": None,  # tiny_vlm.QWEN2_VL_2B
+    "7b": {
+        "text": dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+        ),
+        "vision": dict(depth=32, embed_dim=1280, num_heads=16, hidden_size=3584),
+        "max_pixels": 448 * 448,
+    },
+}
 PER_SHARD = 256
 
 
@@ -425,6 +441,7 @@ def main() -> None:
     ap.add_argument("--job-config", help="JSON merged into every job's config, e.g. '{\"scale\": {...}}'")
     ap.add_argument("--repeat", type=int, default=1, help="--part startup: how many warm-Ray jobs")
     ap.add_argument("--report", nargs="+")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="2b", help="the model's published shapes")
     ap.add_argument("--side", choices=["ceiling"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -441,8 +458,9 @@ def main() -> None:
 
     from omnilmm_ray.testing.tiny_vlm import QWEN2_VL_2B, build
 
-    model_dir = work / "Qwen2-VL-2B-shapes"
-    model = str(model_dir if (model_dir / "config.json").exists() else build(model_dir, shapes=QWEN2_VL_2B))
+    model_dir = work / f"Qwen2-VL-{args.shape.upper()}-shapes"
+    shapes = SHAPES[args.shape] or QWEN2_VL_2B
+    model = str(model_dir if (model_dir / "config.json").exists() else build(model_dir, shapes=shapes))
     shards = make_shards(work / "shards", args.images)
     part = {"ceilings": run_ceilings, "jobs": run_jobs, "startup": run_startup}[args.part]
     res = part(args, model, shards)
@@ -457,6 +475,7 @@ def main() -> None:
         "images": args.images,
         "tokens": args.tokens,
         "batch": args.batch,
+        "shape": f"Qwen2-VL-{args.shape.upper()}",
         "commands": "`python bench/gpu_scale.py --part ceilings --out C.json`, `... --part jobs --out J.json`, "
         "`... --part startup --out S.json`, `... --report C.json J.json S.json`",
     }
