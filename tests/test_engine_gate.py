@@ -120,7 +120,7 @@ class _Stub:
 
 def test_the_image_check_refuses_an_engine_that_does_not_caption_from_the_image():
     found = check_sight(_Stub(64, sees=True), "m", "lmdeploy X's turbomind engine")
-    assert found == {"image_tokens_added": [64] * 4, "distinct_answers": 4, "of": 4}
+    assert found == {"image_tokens_added": [64] * 4, "distinct_answers": 4, "of": 4, "reproducible": True}
     # the image's placeholder tokens reach the prompt, its pixels do not (MiniCPM-V on the PyTorch engine)
     with pytest.raises(
         ImageBlind, match="'m' is not captioned from the image by lmdeploy X's pytorch engine: 4"

@@ -119,6 +119,7 @@ class LmdeployEngine:
         self.takes_prepared = self.backend == "turbomind" and _accept_prepared(self.pipe)
         self.redecoded = 0  # captions recovered by the workaround in _text
         self._lock = threading.Lock() if self.backend == "pytorch" else contextlib.nullcontext()
+        _pil_image_processor(self.pipe)
         try:
             self.sight = check_sight(
                 self, cfg.model, f"lmdeploy {lmdeploy.__version__}'s {self.backend} engine"
@@ -246,3 +247,25 @@ def _accept_prepared(pipe) -> bool:
 
     vm.preprocess = preprocess
     return True
+
+
+def _pil_image_processor(pipe) -> None:
+    """Give lmdeploy's LLaVA-hf preprocessing an image processor that reads what it is handed.
+
+    lmdeploy 0.18 calls the model's image processor with a PIL image and `input_data_format='channels_last'`
+    (vl/model/llava_hf.py `preprocess`). transformers 5 picks the torchvision backend of an image processor
+    where torchvision is installed, which takes that argument as the layout of the tensor it makes from the
+    image (channels first) and fails every request ("The size of tensor a (224) must match the size of tensor
+    b (3)"; the image check refuses the model). The PIL backend of the same processor reads the image as
+    channels last, as lmdeploy says: load that one, with the model's own settings.
+    """
+    import transformers
+
+    vm = getattr(getattr(pipe.async_engine, "vl_encoder", None), "model", None)
+    if type(vm).__name__ != "LlavaHfVisionModel":
+        return
+    name = type(vm.processor).__name__
+    pil = getattr(transformers, name if name.endswith("Pil") else name + "Pil", None)
+    if pil is not None and not isinstance(vm.processor, pil):
+        vm.processor = pil.from_pretrained(vm.model_path)
+        log.info("engine: %s's image processor runs on its PIL backend (%s)", vm.model_path, pil.__name__)
