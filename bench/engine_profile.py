@@ -37,9 +37,9 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from omnilmm_ray.preprocess import smart_resize
     from omnilmm_ray.samples import draw, encode
     from omnilmm_ray.testing.tiny_vlm import QWEN2_VL_2B, build
+    from omnilmm_ray.vision import smart_resize
 
     work = Path(args.work)
     model_dir = work / "Qwen2-VL-2B-shapes"

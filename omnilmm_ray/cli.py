@@ -98,16 +98,6 @@ def _catch_signals() -> None:
     signal.signal(signal.SIGTERM, _on_signal)
 
 
-def _attached_to_cluster() -> bool:
-    """Whether ray.init joined a cluster that existed before this job (RAY_ADDRESS, `ray job submit`, a
-    `ray start` on this host), which may gain GPU workers; a Ray this process started itself never will."""
-    import ray
-
-    # No public API tells whether ray.init started the head node; when in doubt, assume a cluster (wait).
-    node = getattr(ray._private.worker, "_global_node", None)
-    return not getattr(node, "head", False)
-
-
 def _error(e: BaseException) -> str:
     return "error: " + " ".join(str(e).split())
 
@@ -191,6 +181,7 @@ def _main(args: argparse.Namespace) -> int:
     # Our INFO lines, other libraries' warnings only (botocore logs where it found credentials at INFO).
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("omnilmm_ray").setLevel(logging.INFO)
+    from omnilmm_ray import job
     from omnilmm_ray.job import ErrorBudgetExceeded, precheck, run_job
     from omnilmm_ray.lease import LeaseHeld, LeaseLost
 
@@ -214,7 +205,7 @@ def _main(args: argparse.Namespace) -> int:
             from omnilmm_ray.engines.fake import BANNER
 
             print(f"\n{'!' * 80}\n!! {BANNER}\n{'!' * 80}\n", file=sys.stderr)
-        summary = run_job(cfg, table=table, wait_for_gpus=_attached_to_cluster())
+        summary = run_job(cfg, table=table, wait_for_gpus=job.attached_to_cluster())
         line, code = done_line(summary, cfg.output), 0
     except ConfigError as e:
         line, code = _error(e), 2

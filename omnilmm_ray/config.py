@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from omnilmm_ray.redact import MASK, redact_text, redact_uri, uri_has_credentials
-from omnilmm_ray.schema import ERROR_KINDS, RETRYABLE_KINDS
+from omnilmm_ray.schema import ERROR_KINDS, FLAGS, RETRYABLE_KINDS
 
 DEFAULT_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
 DEFAULT_PROMPT = "Describe this image in one detailed sentence."
@@ -251,8 +251,6 @@ class QualityConfig(_Strict):
     @field_validator("retry_flags", "error_budget_flags")
     @classmethod
     def _known_flags(cls, v: list[str]) -> list[str]:
-        from omnilmm_ray.quality import FLAGS
-
         unknown = sorted(set(v) - set(FLAGS))
         if unknown:
             raise ValueError(f"unknown flag(s) {unknown}; known: {sorted(FLAGS)}")

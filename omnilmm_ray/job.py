@@ -80,6 +80,16 @@ def precheck(cfg: JobConfig) -> OutputTable:
     return table
 
 
+def attached_to_cluster() -> bool:
+    """Whether ray.init joined a cluster that existed before this job (RAY_ADDRESS, `ray job submit`, a
+    `ray start` on this host), which may gain GPU workers; a Ray this process started itself never will."""
+    import ray
+
+    # No public API tells whether ray.init started the head node; when in doubt, assume a cluster (wait).
+    node = getattr(ray._private.worker, "_global_node", None)
+    return not getattr(node, "head", False)
+
+
 def require_gpus(cfg: JobConfig, wait_for_gpus: bool = True) -> None:
     """Fail at once when no GPU can ever come (a Ray the job started itself, without GPUs); otherwise say
     that the job waits for one (`engine.start_timeout_s`)."""

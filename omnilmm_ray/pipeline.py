@@ -159,12 +159,7 @@ def build_caption_stage(
     your columns, then the caption columns of the job's output table (one row per input row; a bad image
     is an error row). The returned function only adds stages: nothing runs until the dataset is consumed.
     """
-    from omnilmm_ray.api import (
-        UserCaptionStage,
-        preprocess_keeping_user,
-        stage_config,
-        to_samples,
-    )
+    from omnilmm_ray.user_stage import UserCaptionStage, preprocess_keeping_user, stage_config, to_samples
 
     cfg = stage_config(cfg)
 

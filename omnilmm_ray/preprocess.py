@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 import warnings
 
 import numpy as np
@@ -23,26 +22,6 @@ MIN_SIDE = 28
 # multi-picture JPEG many phones write). `Image.open` would otherwise try every plugin it has on untrusted bytes, among them EPS, whose
 # loader runs Ghostscript in a subprocess: no format outside this list gets a decoder.
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-
-
-def smart_resize(
-    width: int, height: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 448 * 448
-) -> tuple[int, int]:
-    """The size Qwen2-VL's image processor resizes to: both sides multiples of `factor` (patch 14 x merge 2),
-    area within [min_pixels, max_pixels], aspect ratio kept. Same rounding as transformers'
-    `qwen2_vl.image_processing_qwen2_vl.smart_resize` (which takes and returns (height, width)); done here on
-    the CPU workers, the engine's processor finds nothing left to resize."""
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * beta / factor) * factor
-        w = math.ceil(width * beta / factor) * factor
-    return w, h
 
 
 class ImageError(Exception):

@@ -16,16 +16,6 @@ import pyarrow as pa
 
 from omnilmm_ray.config import QualityConfig
 
-# Every flag, declared once (the `flags` column holds these names; in multi-prompt mode `name:flag`).
-FLAGS = {
-    "empty": "no text, or only whitespace",
-    "truncated": "cut off at generation.max_new_tokens (finish_reason 'length')",
-    "repetition": "degenerate repetition: a share of repeated n-grams above quality.repetition_threshold",
-    "refusal": "a refusal or boilerplate ('I'm sorry', 'As an AI', 'I cannot'), or the prompt echoed back",
-    "too_short": "fewer characters than quality.min_chars for this prompt",
-    "unexpected_script": "letters outside quality.expected_scripts above quality.script_threshold",
-}
-
 
 def repeated_ngram_share(text: str, n: int) -> float:
     """Share of the text's n-grams that repeat an earlier one: 0 for varied text, near 1 for a loop.

@@ -43,6 +43,16 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("first_flags", pa.list_(pa.string())),
     ]
 )
+# Every quality flag (quality.py), declared once (the `flags` column holds these names; in multi-prompt mode `name:flag`).
+FLAGS = {
+    "empty": "no text, or only whitespace",
+    "truncated": "cut off at generation.max_new_tokens (finish_reason 'length')",
+    "repetition": "degenerate repetition: a share of repeated n-grams above quality.repetition_threshold",
+    "refusal": "a refusal or boilerplate ('I'm sorry', 'As an AI', 'I cannot'), or the prompt echoed back",
+    "too_short": "fewer characters than quality.min_chars for this prompt",
+    "unexpected_script": "letters outside quality.expected_scripts above quality.script_threshold",
+}
+
 # Multi-prompt mode (`prompts: {name: ...}`): these columns once per prompt, as `<column>_<name>`. The row's
 # own caption/prompt/finish_reason/first_* columns stay null; its tokens are the sums over the prompts.
 PER_PROMPT = ["caption", "prompt", "input_tokens", "output_tokens", "finish_reason", "flags"]

@@ -14,15 +14,34 @@ Pure numpy: no torch or transformers on the CPU workers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from omnilmm_ray.preprocess import smart_resize
-
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def smart_resize(
+    width: int, height: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 448 * 448
+) -> tuple[int, int]:
+    """The size Qwen2-VL's image processor resizes to: both sides multiples of `factor` (patch 14 x merge 2),
+    area within [min_pixels, max_pixels], aspect ratio kept. Same rounding as transformers'
+    `qwen2_vl.image_processing_qwen2_vl.smart_resize` (which takes and returns (height, width)); done on the
+    CPU workers, the engine's processor finds nothing left to resize."""
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return w, h
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from omnilmm_ray import cli
 from omnilmm_ray.config import InputConfig, PreprocessConfig
 from omnilmm_ray.preprocess import ImageError, decode
 from omnilmm_ray.readers import read_shard
-from omnilmm_ray.samples import draw, encode, write_tar
+from omnilmm_ray.samples import draw, encode
 from omnilmm_ray.sources import plan_shards
 from omnilmm_ray.table import OutputTable
 from tests.test_job_local import read_run

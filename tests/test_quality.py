@@ -10,8 +10,9 @@ import pytest
 from omnilmm_ray import schema
 from omnilmm_ray.config import ConfigError, JobConfig, QualityConfig, load_config
 from omnilmm_ray.engines.fake import BAD_CAPTIONS
-from omnilmm_ray.quality import FLAGS, caption_flags, repeated_ngram_share
+from omnilmm_ray.quality import caption_flags, repeated_ngram_share
 from omnilmm_ray.samples import build_samples, draw, encode
+from omnilmm_ray.schema import FLAGS
 from omnilmm_ray.stages import CaptionStage
 from tests.test_commit_stages import _pixels_batch
 

@@ -10,9 +10,8 @@ from PIL import Image
 
 from omnilmm_ray import cli
 from omnilmm_ray.models import cpu_processor
-from omnilmm_ray.preprocess import smart_resize
 from omnilmm_ray.samples import build_samples
-from omnilmm_ray.vision import VisionSpec, patches, qwen2_vl_spec
+from omnilmm_ray.vision import VisionSpec, patches, qwen2_vl_spec, smart_resize
 
 QWEN2_CONFIG = {"architectures": ["Qwen2VLForConditionalGeneration"]}
 # Qwen2-VL-2B-Instruct's published preprocessor_config.json
