@@ -253,7 +253,7 @@ def _pil_image_processor(pipe) -> None:
     """Give lmdeploy's LLaVA-hf preprocessing an image processor that reads what it is handed.
 
     lmdeploy 0.18 calls the model's image processor with a PIL image and `input_data_format='channels_last'`
-    (vl/model/llava_hf.py `preprocess`). transformers 5 picks the torchvision backend of an image processor
+    (vl/model/llava_hf.py and llava_next.py `preprocess`). transformers 5 picks the torchvision backend of an image processor
     where torchvision is installed, which takes that argument as the layout of the tensor it makes from the
     image (channels first) and fails every request ("The size of tensor a (224) must match the size of tensor
     b (3)"; the image check refuses the model). The PIL backend of the same processor reads the image as
@@ -262,7 +262,10 @@ def _pil_image_processor(pipe) -> None:
     import transformers
 
     vm = getattr(getattr(pipe.async_engine, "vl_encoder", None), "model", None)
-    if type(vm).__name__ != "LlavaHfVisionModel":
+    if type(vm).__name__ not in (
+        "LlavaHfVisionModel",
+        "LlavaNextVisionModel",
+    ):  # llava_next.py: the same call
         return
     name = type(vm.processor).__name__
     pil = getattr(transformers, name if name.endswith("Pil") else name + "Pil", None)
