@@ -44,7 +44,8 @@ def caption(config: str | Path | dict | JobConfig | None = None, **fields: Any) 
     """
     import ray
 
-    from omnilmm_ray.job import attached_to_cluster, precheck, run_job
+    from omnilmm_ray.checks import attached_to_cluster, precheck
+    from omnilmm_ray.job import run_job
 
     cfg = job_config(config, **fields)
     table = precheck(cfg)

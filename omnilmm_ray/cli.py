@@ -181,8 +181,9 @@ def _main(args: argparse.Namespace) -> int:
     # Our INFO lines, other libraries' warnings only (botocore logs where it found credentials at INFO).
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("omnilmm_ray").setLevel(logging.INFO)
-    from omnilmm_ray import job
-    from omnilmm_ray.job import ErrorBudgetExceeded, precheck, run_job
+    from omnilmm_ray import checks
+    from omnilmm_ray.checks import precheck
+    from omnilmm_ray.job import ErrorBudgetExceeded, run_job
     from omnilmm_ray.lease import LeaseHeld, LeaseLost
 
     overrides = _overrides(args)
@@ -205,7 +206,7 @@ def _main(args: argparse.Namespace) -> int:
             from omnilmm_ray.engines.fake import BANNER
 
             print(f"\n{'!' * 80}\n!! {BANNER}\n{'!' * 80}\n", file=sys.stderr)
-        summary = run_job(cfg, table=table, wait_for_gpus=job.attached_to_cluster())
+        summary = run_job(cfg, table=table, wait_for_gpus=checks.attached_to_cluster())
         line, code = done_line(summary, cfg.output), 0
     except ConfigError as e:
         line, code = _error(e), 2

@@ -46,7 +46,7 @@ from omnilmm_ray.storage import join, open_atomic, read_json, resolve, temp_file
 log = logging.getLogger(__name__)
 ABANDONED = "_ABANDONED.json"
 
-PROBE = "_probe-"  # the name of job.check_output's write test
+PROBE = "_probe-"  # the name of checks.check_output's write test
 
 
 @dataclass

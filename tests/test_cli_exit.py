@@ -140,12 +140,12 @@ def test_interrupted_subcommand_ends_with_its_code(monkeypatch, tmp_path, capsys
 
 def test_sigterm_while_ray_starts_is_an_interrupt(monkeypatch, samples, tmp_path, capsys):
     """Until the job installs its own handlers, ray.init's SIGTERM handler calls sys.exit(SIGTERM)."""
-    import omnilmm_ray.job
+    import omnilmm_ray.checks
 
     def sigterm(*a, **k):
         sys.exit(signal.SIGTERM)
 
-    monkeypatch.setattr(omnilmm_ray.job, "precheck", sigterm)
+    monkeypatch.setattr(omnilmm_ray.checks, "precheck", sigterm)
     args = ["--input", str(samples / "webdataset"), "--output", str(tmp_path / "out"), "--engine", "fake"]
     assert cli.main(args) == 143
     last = capsys.readouterr().err.strip().splitlines()[-1]

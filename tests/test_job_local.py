@@ -8,7 +8,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from omnilmm_ray import cli, job
+from omnilmm_ray import checks, cli
 from omnilmm_ray.samples import build_samples, draw, encode, write_tar
 from tests import hostile
 
@@ -159,7 +159,7 @@ def test_real_engine_without_gpus_fails_with_a_clear_message(
 ):
     # As on a cluster that may gain GPU workers: wait engine.start_timeout_s (a Ray the job started
     # itself fails at once: tests/test_cli_errors.py).
-    monkeypatch.setattr(job, "attached_to_cluster", lambda: True)
+    monkeypatch.setattr(checks, "attached_to_cluster", lambda: True)
     cfg = tmp_path / "job.yaml"
     cfg.write_text("engine: {backend: turbomind, start_timeout_s: 2}\n")
     out = tmp_path / "out"
