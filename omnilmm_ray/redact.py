@@ -1,7 +1,7 @@
 """Keep credentials out of everything the job prints or stores.
 
 Three kinds of secret are recognised, all here:
-- config values declared secret (`storage_options` values: see config.py), which `model_dump` shows as `***`;
+- config values declared secret (`storage_options` values: see config/base.py), which `model_dump` shows as `***`;
 - secrets inside URIs: the password in `scheme://user:password@host/...` and signature/token query parameters
   of signed URLs (`X-Amz-Signature`, Azure SAS `sig`, ...);
 - known secret values (from the environment and the config), registered by the CLI, which then wraps its
