@@ -131,35 +131,37 @@ _RENDERED_KINDS = {None, "engine_error", "empty_caption", "engine_crash"}
 
 
 class TypoCheck:
-    """A template field that no sample of the first shard read has is a typo (`{metadata.tittle}`), not
-    data: the job stops with a config error before it seals rows that would all read `missing_prompt_field`.
-    A field missing from only some samples stays an error row for those.
+    """A template field that no sample of the night has is a typo (`{metadata.tittle}`), not data: the job
+    stops with a config error before it seals rows that would all read `missing_prompt_field`. A field
+    missing from only some samples (a Parquet input beside tars with `.txt` sidecars) stays an error row.
 
-    Fed every batch the driver receives; decided by the first committed shard with a rendered or
-    missing-field row, and silent from then on."""
+    Decided over every row of the attempt, not its first shard, so the order shards finish in never turns
+    a mixed input into a typo; rows missing a field never reach the engine, so waiting costs reads only."""
 
     def __init__(self, active: bool):
-        self.tally: dict[str, list] = {} if active else None  # shard id -> [rendered, missing, an error]
+        self.active = active
+        self.rendered = self.missing = 0
+        self.example: tuple[str, str] | None = None  # (source, error) of a row missing a field
 
     def observe(self, batch) -> None:
-        if self.tally is None:
+        if not self.active:
             return
-        cols = batch.select(["shard_id", "shard_rows", "error_kind", "error", "source"]).to_pydict()
-        for sid, end, kind, err, src in zip(*cols.values()):
-            if end is None and (kind in _RENDERED_KINDS or kind == "missing_prompt_field"):
-                t = self.tally.setdefault(sid, [0, 0, None, src])
-                t[kind == "missing_prompt_field"] += 1
-                t[2] = t[2] or (err if kind == "missing_prompt_field" else None)
+        cols = batch.select(["shard_rows", "error_kind", "error", "source"]).to_pydict()
+        for end, kind, err, src in zip(*cols.values()):
+            if end is not None:
+                continue
+            if kind == "missing_prompt_field":
+                self.missing += 1
+                self.example = self.example or (src, err)
+            elif kind in _RENDERED_KINDS:
+                self.rendered += 1
 
-    def verdict(self, committed: set[str]) -> str | None:
-        """The config error to stop with, once a committed shard decides; else None."""
-        for sid in committed & self.tally.keys() if self.tally else ():
-            rendered, missing, err, source = self.tally[sid]
-            self.tally = None
-            if rendered == 0 and missing:
-                return (
-                    f"prompt: none of the {missing} samples of the first shard read ({source}) has the field "
-                    f"the template names ({err}): a typo? Fix the template and rerun; nothing was sealed"
-                )
+    def verdict(self) -> str | None:
+        """The config error to stop with, once every batch was observed; else None."""
+        if self.rendered or not self.missing:
             return None
-        return None
+        source, err = self.example
+        return (
+            f"prompt: none of the {self.missing} samples read has the field the template names (e.g. {source}: "
+            f"{err}): a typo? Fix the template and rerun; nothing was sealed"
+        )

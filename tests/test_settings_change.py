@@ -65,7 +65,7 @@ def test_a_new_prompt_is_an_ordinary_night_and_reuse_serves_any_earlier_settings
     assert table.plan_of(table.sealed_runs()[-1])["shards"] == [] and _engine_images(calls) == 0
 
 
-def test_a_template_field_no_sample_of_the_first_shard_has_is_a_typo(ray_local, tmp_path, capsys):
+def test_a_template_field_no_sample_has_is_a_typo(ray_local, tmp_path, capsys):
     inputs, calls = tmp_path / "in", tmp_path / "calls.log"
     _tar(inputs / "a.tar", [(f"k{i}", i, {"title": f"t{i}"}) for i in range(3)])
     assert _job(tmp_path, inputs, calls, prompt="Title: {metadata.tittle}. Describe it.") == 2

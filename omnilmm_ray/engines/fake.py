@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from omnilmm_ray.config import EngineConfig, GenerationConfig
-from omnilmm_ray.engines import Caption, Prepared, per_image
+from omnilmm_ray.engines.base import Caption, Prepared, per_image
 from omnilmm_ray.engines.sight import check_sight
 from omnilmm_ray.storage import resolve, write_bytes_atomic
 from omnilmm_ray.weights import local_model

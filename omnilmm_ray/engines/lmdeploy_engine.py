@@ -15,7 +15,7 @@ from PIL import Image
 
 from omnilmm_ray import models
 from omnilmm_ray.config import EngineConfig, GenerationConfig
-from omnilmm_ray.engines import Caption, EngineDied, Prepared, per_image
+from omnilmm_ray.engines.base import Caption, EngineDied, Prepared, per_image
 from omnilmm_ray.engines.sight import check_sight
 from omnilmm_ray.weights import local_model
 
