@@ -226,9 +226,11 @@ def route(config: dict, model: str, backend: str = "auto", lists: Lists = OWN) -
     )
     if backend == "turbomind" and not turbomind:
         reason = f"its language model {text}" if arch in _INTERNVL and text not in lists.turbomind else arch
+        if arch in lists.turbomind and quant:
+            reason = f"{arch}, {quantization.name(quant)} quantisation"
         raise Refused(
-            f"engine.backend: TurboMind does not support {model!r} ({reason}, quantization "
-            f"{(quant or {}).get('method')}; lmdeploy {lists.version}); use --engine pytorch or auto"
+            f"engine.backend: TurboMind does not support {model!r} ({reason}; lmdeploy {lists.version}); "
+            "use --engine pytorch or auto"
         )
     chosen = backend if backend != "auto" else ("turbomind" if turbomind else "pytorch")
     if chosen == "pytorch":
