@@ -225,8 +225,10 @@ def route(config: dict, model: str, backend: str = "auto", lists: Lists = OWN) -
         and quantization.turbomind_reads(config)
     )
     if backend == "turbomind" and not turbomind:
-        reason = f"its language model {text}" if arch in _INTERNVL and text not in lists.turbomind else arch
-        if arch in lists.turbomind and quant:
+        reason = arch
+        if arch in _INTERNVL and text not in lists.turbomind:
+            reason = f"its language model {text}"
+        elif arch in lists.turbomind and quant:
             reason = f"{arch}, {quantization.name(quant)} quantisation"
         raise Refused(
             f"engine.backend: TurboMind does not support {model!r} ({reason}; lmdeploy {lists.version}); "
