@@ -211,12 +211,16 @@ class DataFiles:
     def commit(self, delta, mode: str, number: int, app_id: str) -> int:
         """One Delta commit: a new table, all files replaced (`mode` "full"), or files removed and added;
         the run goes into the commit info and as the transaction version of `app_id`."""
-        from deltalake import CommitProperties, DeltaTable, Schema, Transaction
+        from deltalake import CommitProperties, Schema, Transaction
         from deltalake.transaction import create_table_with_add_actions
 
+        # No commit retries at another version: with one writer, a version that exists already is this
+        # publish's own commit whose answer was lost, and committing the same files again would duplicate
+        # rows; the failure makes snapshot.publish start over, and that finds the run published.
         props = CommitProperties(
             custom_metadata={"omnilmm_run": self.rid, "omnilmm_publish": mode},
             app_transactions=[Transaction(app_id, number)],
+            max_commit_retries=0,
         )
         if delta is None:
             create_table_with_add_actions(
@@ -234,7 +238,7 @@ class DataFiles:
             delta.create_write_transaction(
                 self.removes + self.adds, "append", self.schema, commit_properties=props
             )
-        return DeltaTable(self.uri, storage_options=self.delta_opts).version()
+        return 0 if delta is None else delta.version() + 1  # one writer (the lease): the next version
 
     def counts(self) -> dict:
         return {"files_added": len(self.adds), "files_removed": len(self.removes), "rows_written": self.rows}

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import re
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 TABLE_DIR = "captions"
 APP_ID = "omnilmm-caption"  # Delta's transaction id: its version is the published run (run_number)
+PUBLISH_ATTEMPTS = 8  # a storage error: the whole publish again, after 1, 2, 4, ... 30 s
 INCREMENTAL_ROWS = 1_000_000  # a bigger night is a full write, streamed, rather than held in memory
 KEYS = [
     pa.field("image_id", pa.string(), nullable=False),
@@ -117,11 +119,15 @@ class Publisher:
         return json.dumps(self.plan(rid)["fingerprint"], sort_keys=True, separators=(",", ":"))
 
     def delta(self):
+        """The snapshot's Delta table, None before its first publish. Not `DeltaTable.is_deltatable`: it
+        holds the GIL while it waits on the store (deltalake 1.6), which stops the lease's heartbeat."""
         from deltalake import DeltaTable
+        from deltalake.exceptions import TableNotFoundError
 
-        if not DeltaTable.is_deltatable(self.uri, self.delta_opts):
+        try:
+            return DeltaTable(self.uri, storage_options=self.delta_opts)
+        except TableNotFoundError:
             return None
-        return DeltaTable(self.uri, storage_options=self.delta_opts)
 
     def publish(self, guard=lambda: None) -> dict | None:
         """Publish the newest sealed run, unless the snapshot holds it already; None when no sealed run has
@@ -242,14 +248,25 @@ class PublishFailed(RuntimeError):
 
 def publish(table: OutputTable, guard=lambda: None) -> dict | None:
     """Publish the newest sealed run of `table` to its snapshot (Publisher.publish). A failure other than a
-    lost lease is a PublishFailed that says a rerun publishes: the run stays sealed either way."""
-    try:
-        return Publisher(table).publish(guard)
-    except LeaseLost:
-        raise
-    except Exception as e:
-        raise PublishFailed(
-            f"snapshot: publishing the newest sealed run to {snapshot_uri(table.uri)} failed "
-            f"({type(e).__name__}: {e}); its rows are committed and it stays sealed: rerun the same command "
-            "to publish it"
-        ) from e
+    lost lease is a PublishFailed that says a rerun publishes: the run stays sealed either way.
+
+    A storage error (OSError) is tried again whole, PUBLISH_ATTEMPTS times: a publish is idempotent (the
+    committed run is checked first; files an attempt wrote and did not commit are removed). delta-rs retries
+    a request that fails, but not a listing whose body is cut off (object_store 0.13)."""
+    for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+        try:
+            return Publisher(table).publish(guard)
+        except LeaseLost:
+            raise
+        except Exception as e:
+            if isinstance(e, OSError) and attempt < PUBLISH_ATTEMPTS:
+                log.warning(
+                    "snapshot: publish attempt %d failed (%s: %s); trying again", attempt, type(e).__name__, e
+                )
+                time.sleep(min(30, 2 ** (attempt - 1)))
+                continue
+            raise PublishFailed(
+                f"snapshot: publishing the newest sealed run to {snapshot_uri(table.uri)} failed "
+                f"({type(e).__name__}: {e}); its rows are committed and it stays sealed: rerun the same command "
+                "to publish it"
+            ) from e
