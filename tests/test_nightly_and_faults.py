@@ -105,7 +105,8 @@ def test_transient_s3_faults_are_retried(ray_local, s3, s3_endpoint, tmp_path):
     _put(s3, tmp_path / "in", "faulty-in")
     s3.mkdir("faulty-out")
     # The job makes few requests per shard, so faults are dense enough to hit every kind of request.
-    with FaultyProxy(s3_endpoint, fail_every=5, drop_every=3) as proxy:
+    # in its own process: the snapshot's commits go through it too (faulty_proxy.py says why)
+    with FaultyProxy(s3_endpoint, fail_every=5, drop_every=3, process=True) as proxy:
         opts = {"endpoint_url": proxy.url}
         rc = run(
             [
