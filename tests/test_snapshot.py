@@ -13,15 +13,33 @@ import pyarrow.compute as pc
 import pytest
 from deltalake import DeltaTable
 
-from omnilmm_ray import cli, deltafiles, job
-from omnilmm_ray.deltafiles import delta_options
+from omnilmm_ray import cli, job
 from omnilmm_ray.samples import draw, encode, write_tar
-from omnilmm_ray.snapshot import APP_ID, snapshot_uri
 from omnilmm_ray.storage import resolve
 from omnilmm_ray.table import OutputTable
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration
+
+# What a reader knows of the table, without this package: where it is, and the app id of its commits. (The
+# package's own modules are imported inside the tests that change them, so that each test fails by itself,
+# on its assertion, where they do not exist.)
+APP_ID = "omnilmm-caption"
+
+
+def snapshot_uri(out: str) -> str:
+    return f"{out}/captions"
+
+
+def delta_options(uri: str) -> dict:
+    """What a reader on the local S3 server gives deltalake."""
+    if not uri.startswith("s3://"):
+        return {}
+    return {
+        "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"],
+        "AWS_ALLOW_HTTP": "true",
+        "AWS_REGION": "us-east-1",
+    }
 
 
 class Inputs:
@@ -79,7 +97,7 @@ def night(inputs: Inputs, out: str) -> int:
 
 def snapshot(out: str, version: int | None = None) -> DeltaTable:
     uri = snapshot_uri(out)
-    return DeltaTable(uri, version=version, storage_options=delta_options(uri, {}))
+    return DeltaTable(uri, version=version, storage_options=delta_options(uri))
 
 
 def published_run(d: DeltaTable) -> str:
@@ -147,6 +165,21 @@ def test_snapshot_holds_one_row_per_image_present_as_shards_shrink_change_and_go
     assert [p.rsplit("/", 1)[1] for p in fs.glob(f"{path}/_inputs/*")] == [f"{sealed_runs(out)[-1]}.listing"]
 
 
+def test_a_parquet_glob_of_the_output_finds_no_bookkeeping(ray_local, tmp_path):
+    """DuckDB or pyarrow over `OUTPUT/**/*.parquet` take every such file for captions: the reuse index and the
+    loose-file listings are named otherwise (an old output's `.parquet` ones are still read)."""
+    inputs = Inputs(tmp_path / "in")
+    inputs.tar("a", 4)
+    inputs.file("loose/x.jpg")
+    out = tmp_path / "out"
+    assert night(inputs, str(out)) == 0
+    found = sorted(str(p.relative_to(out)) for p in out.glob("**/*.parquet"))
+    assert [p for p in found if p.startswith("run=")], found  # the log's shard files
+    bookkeeping = [p for p in found if not p.startswith(("run=", "captions/part-")) or "/_" in p]
+    assert not bookkeeping, bookkeeping
+    assert list(out.glob("run=*/_reuse/*.index")) and list(out.glob("_files/*.listing"))
+
+
 def test_ray_data_and_pandas_read_the_snapshot(ray_local, tmp_path):
     import ray
 
@@ -160,6 +193,8 @@ def test_ray_data_and_pandas_read_the_snapshot(ray_local, tmp_path):
 
 
 def test_a_night_rewrites_only_the_data_files_its_changes_touch(ray_local, tmp_path, monkeypatch):
+    from omnilmm_ray import deltafiles
+
     monkeypatch.setattr(deltafiles, "FILE_ROWS", 8)  # one file per shard of 8
     monkeypatch.setattr(deltafiles, "MIN_ROWS", 1)
     inputs = Inputs(tmp_path / "in")
@@ -246,6 +281,8 @@ def test_a_failed_publish_fails_the_job_and_the_rerun_publishes(ray_local, tmp_p
     inputs = Inputs(tmp_path / "in")
     inputs.tar("a", 5)
     out = str(tmp_path / "out")
+
+    from omnilmm_ray import deltafiles
 
     def refuse(*a, **k):
         raise OSError("the store refused the commit (test)")
