@@ -71,6 +71,14 @@ def run_number(run_id: str) -> int:
     return (t - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // dt.timedelta(microseconds=1)
 
 
+def _number(run_id: str) -> int | None:
+    """run_number, or None for a folder named otherwise (not written by this job)."""
+    try:
+        return run_number(run_id)
+    except ValueError:
+        return None
+
+
 def snapshot_schema(output: pa.Schema) -> pa.Schema:
     return pa.schema(KEYS + [f for f in output if f.name != "run"])
 
@@ -147,7 +155,7 @@ class Publisher:
             return {"run": rid, "version": d.version(), "mode": "already published"}
         guard()
         kill_point("publish")
-        before = next((r for r in sealed if run_number(r) == number), None)
+        before = next((r for r in sealed if _number(r) == number), None)
         output = self.table.output_schema()
         files = DataFiles(self.table, self.uri, rid, snapshot_schema(output))
         files.remove_orphans(d)
