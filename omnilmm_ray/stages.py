@@ -319,24 +319,25 @@ class CaptionStage:
         # that repeats in the batch is asked once and its answer copied (`cached` on the copies)
         requests = [(r, name, p) for r, _, prompts in todo for name, p in prompts.items()]
         images = [im for _, im, prompts in todo for _ in prompts]
-        first: dict[tuple[str, str], int] = {}
+        origin: dict[tuple[str, str], int] = {}  # (bytes, prompt) -> its first request
         for i, (r, _, p) in enumerate(requests):
-            first.setdefault((r["sha256"], p), i)
-        unique = sorted(first.values())
-        answers = dict(
-            zip(unique, self._answer_all([requests[i] for i in unique], [images[i] for i in unique]))
-        )
+            origin.setdefault((r["sha256"], p), i)
+        unique = sorted(origin.values())
+        captions, firsts = self._answer_all([requests[i] for i in unique], [images[i] for i in unique])
+        answers = dict(zip(unique, captions))
+        firsts = dict(zip(unique, firsts))
         asked = set()  # rows with a prompt the engine answered for them, not for an earlier copy
         for i, (r, name, p) in enumerate(requests):
-            j = first[(r["sha256"], p)]
-            _answer(r, name, p, *answers[j])
+            j = origin[(r["sha256"], p)]
+            _answer(r, name, p, answers[j], self.cfg, firsts[j])
             if i == j:
                 asked.add(id(r))
         for r, _, _ in todo:
             r["cached"] = r["cached"] or id(r) not in asked
 
-    def _answer_all(self, requests: list[Request], images: list) -> list[tuple]:
-        """The engine's answers to `requests` as `_answer` arguments after the row: (Caption, cfg, first)."""
+    def _answer_all(self, requests: list[Request], images: list) -> tuple[list[Caption], list]:
+        """The engine's answers to `requests`, and for each the first attempt `(Caption, flags)` when the
+        quality retry asked again (else None)."""
         captions = self._engine(requests, images)
         firsts: list = [None] * len(requests)
         if self.retry_flags:
@@ -359,4 +360,4 @@ class CaptionStage:
                     self._recent.move_to_end((r["sha256"], p))
             while len(self._recent) > RECENT_CAPTIONS:
                 self._recent.popitem(last=False)
-        return [(c, self.cfg, f) for c, f in zip(captions, firsts)]
+        return captions, firsts
