@@ -16,6 +16,17 @@ Same JPEG shards (640x480, WebDataset tars on local disk), same random-weight mo
     python bench/gpu_scale.py --part jobs --out /tmp/scale-jobs.json
     python bench/gpu_scale.py --part startup --out /tmp/scale-startup.json
     python bench/gpu_scale.py --report /tmp/scale-*.json > bench/results/gpu-scale.md
+
+Per model family (each family's published small-model shapes, tiny_families.SHAPES), lmdeploy alone then the job:
+
+    python bench/gpu_scale.py --part family --family qwen2_5_vl --images 8192 --out F-qwen2_5_vl.json
+    python bench/gpu_scale.py --report-families F-*.json
+
+GPU-bound regime (Qwen2-VL-7B shapes, 128 new tokens), and the job's batch size x engine calls in flight:
+
+    python bench/gpu_scale.py --part family --shape 7b --tokens 128 --images 4096 --out F-7b.json
+    python bench/gpu_scale.py --part sweep --shape 7b --tokens 128 --cells 32x2,256x2 --out S.json
+    python bench/gpu_scale.py --report-sweep S.json
 """
 
 from __future__ import annotations
@@ -96,7 +107,7 @@ class GpuSampler:
     the host's CPU busy share over the same time (/proc/stat), to see whether the CPU side is the limit."""
 
     def __init__(self):
-        self.samples: list[list[int]] = []
+        self.samples: list[tuple[float, list[int]]] = []  # (time.time(), one value per GPU)
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -108,7 +119,7 @@ class GpuSampler:
                 text=True,
             )
             if r.returncode == 0:
-                self.samples.append([int(x) for x in r.stdout.split()])
+                self.samples.append((time.time(), [int(x) for x in r.stdout.split()]))
 
     def __enter__(self):
         self._cpu0 = _cpu_times()
@@ -121,22 +132,23 @@ class GpuSampler:
         idle, total = (b - a for a, b in zip(self._cpu0, _cpu_times()))
         self.cpu_busy_pct = round(100 * (1 - idle / max(total, 1)), 1)
 
-    def mean(self) -> list[float]:
-        if not self.samples:
+    def mean(self, start: float = 0.0, end: float = float("inf")) -> list[float]:
+        """Per GPU: the share of samples (taken between `start` and `end`, time.time()) with a kernel active."""
+        window = [v for t, v in self.samples if start <= t <= end]
+        if not window:
             return []
-        return [
-            round(sum(s[i] for s in self.samples) / len(self.samples), 1) for i in range(len(self.samples[0]))
-        ]
+        return [round(sum(v[i] for v in window) / len(window), 1) for i in range(len(window[0]))]
 
 
-def ceiling(model: str, shards: str, tokens: int, seed_loop: int) -> dict:
+def ceiling(model: str, shards: str, tokens: int, seed_loop: int, backend: str = "turbomind") -> dict:
     """One process, one GPU: the usual script end to end, then lmdeploy's steady rate on pre-decoded images."""
     import lmdeploy
 
+    engine = {"turbomind": lmdeploy.TurbomindEngineConfig, "pytorch": lmdeploy.PytorchEngineConfig}[backend]
     t0 = time.perf_counter()
     pipe = lmdeploy.pipeline(
         model,
-        backend_config=lmdeploy.TurbomindEngineConfig(session_len=2048, cache_max_entry_count=0.5),
+        backend_config=engine(session_len=2048, cache_max_entry_count=0.5),
         log_level="ERROR",
     )
     t_engine = time.perf_counter()
@@ -256,6 +268,7 @@ def job(
     batch: int,
     ray_address: str = "local",
     extra: dict | None = None,
+    backend: str = "turbomind",
 ) -> dict:
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
@@ -263,7 +276,7 @@ def job(
     from omnilmm_ray.config import merged
 
     cfg = {
-        "engine": {"backend": "turbomind", "model": model, "session_len": 2048, "cache_max_entry_count": 0.5},
+        "engine": {"backend": backend, "model": model, "session_len": 2048, "cache_max_entry_count": 0.5},
         "generation": {"max_new_tokens": tokens, "min_new_tokens": tokens},
         "scale": {"batch_size": batch, "min_actors": min_actors, "max_actors": gpus},
         "preprocess": {"max_side": 640},  # = the image size: the engine sees the same pixels as the ceiling
@@ -301,6 +314,7 @@ def job(
         "first_commit_s": commits[0][0] - t0,
         "wall_s": t1 - t0,
         "gpu_util": gpu.mean(),
+        "gpu_util_steady": gpu.mean(lo[0], hi[0]),  # over the steady window only (10th-90th pct commits)
         "cpu_busy_pct": gpu.cpu_busy_pct,
         "actor_timings_last": actor_lines[-2:],
         "actor_start": started,
@@ -346,6 +360,101 @@ def run_startup(args, model: str, shards: Path) -> dict:
         return res
     finally:
         subprocess.run([*ray_cli, "stop", "--force"], env=env)
+
+
+def run_family(args, model: str, shards: Path) -> dict:
+    """One family at its small model's shapes: lmdeploy alone (one process, one call) then the job, one GPU."""
+    cmd = [sys.executable, __file__, "--side", "ceiling", "--model", model, "--work", args.work]
+    cmd += ["--tokens", str(args.tokens), "--seed-loop", "0", "--backend", args.backend]
+    r = subprocess.run(
+        cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"}, stdout=subprocess.PIPE, text=True
+    )
+    assert r.returncode == 0, r.returncode
+    res = {"ceiling": json.loads(r.stdout.strip().splitlines()[-1])}
+    out = Path(args.work) / f"out-{args.family}-{time.time_ns()}"
+    extra = json.loads(args.job_config) if args.job_config else None
+    res["job_1gpu"] = job(
+        model, shards, out, args.tokens, 1, 1, args.batch, extra=extra, backend=args.backend
+    )
+    return {args.family: res}
+
+
+def run_sweep(args, model: str, shards: Path) -> dict:
+    """Batch size x engine calls in flight (`--cells 32x1,256x2,...`): the job's steady rate per cell, on one warm
+    local Ray (started once, as on a cluster), one GPU."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"}
+    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
+    subprocess.run(
+        [*ray_cli, "start", "--head", "--num-gpus", "1", "--disable-usage-stats"], env=env, check=True
+    )
+    res: dict = {}
+    try:
+        for cell in args.cells.split(","):
+            batch, calls = (int(x) for x in cell.split("x"))
+            out = Path(args.work) / f"out-sweep-{cell}-{time.time_ns()}"
+            extra = {"scale": {"batch_size": batch, "concurrent_batches": calls}}
+            j = job(model, shards, out, args.tokens, 1, 1, batch, "auto", extra, args.backend)
+            res[cell] = {k: j[k] for k in ("steady_images_per_s", "gpu_util_steady", "images", "error_rows")}
+            print(cell, json.dumps(res[cell]), file=sys.stderr, flush=True)
+            Path(args.out).write_text(
+                json.dumps({"sweep": res}, indent=1)
+            )  # what is done survives a time-out
+    finally:
+        subprocess.run([*ray_cli, "stop", "--force"], env=env)
+    return {"sweep": res}
+
+
+def report_sweep(path: str) -> str:
+    r = json.loads(Path(path).read_text())
+    meta, cells = r["meta"], r["sweep"]
+    best = max(c["steady_images_per_s"] for c in cells.values())
+    lines = [
+        f"Batch size x engine calls in flight, job steady images/s on 1 x {meta['gpu']} ({meta['shape']} shapes, "
+        f"{meta['tokens']} tokens, {meta['images']} images; `{meta['command']}`):",
+        "",
+        "| batch_size | concurrent_batches | steady images/s | of best | GPU kernel-active % (steady) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for cell, c in cells.items():
+        b, k = cell.split("x")
+        lines.append(
+            f"| {b} | {k} | {c['steady_images_per_s']:.1f} | {c['steady_images_per_s'] / best:.2f} | "
+            f"{c['gpu_util_steady']} |"
+        )
+    return "\n".join(lines)
+
+
+def report_families(paths: list[str]) -> str:
+    """One table over `--part family` results (one file per family, all from one machine)."""
+    rows, meta = [], None
+    for p in paths:
+        r = json.loads(Path(p).read_text())
+        meta = r.pop("meta")
+        for fam, res in r.items():
+            c, j = res["ceiling"], res["job_1gpu"]
+            ratio = j["steady_images_per_s"] / c["ceiling_images_per_s"]
+            rows.append(
+                f"| {fam} | {res.get('backend', 'turbomind')} | {res.get('shape', '')} | "
+                f"{c['ceiling_images_per_s']:.1f} | {j['steady_images_per_s']:.1f} | **{ratio:.2f}x** | "
+                f"{j['end_to_end_images_per_s']:.1f} | {c['ceiling_gpu_util']} / {j.get('gpu_util_steady', j['gpu_util'])} | "
+                f"{j['images']} ({j['error_rows']} errors) |"
+            )
+    return "\n".join(
+        [
+            f"# Speed per model family, lmdeploy alone vs. the job, one GPU ({meta['date']})",
+            "",
+            f"Machine: {meta['gpus']} x {meta['gpu']}, {meta['cpus']} CPU cores; lmdeploy {meta['lmdeploy']}, "
+            f"ray {meta['ray']}, torch {meta['torch']}. {meta['images']} JPEGs 640x480 in WebDataset tars; greedy; "
+            f"exactly {meta['tokens']} new tokens; job batch {meta['batch']}. Random weights with each family's "
+            "published small-model shapes (omnilmm_ray/testing/tiny_families.py SHAPES).",
+            f"Command per family: `{meta['command']}`; table: `python bench/gpu_scale.py --report-families F*.json`",
+            "",
+            "| family | backend | shapes | lmdeploy alone (images/s) | job steady (images/s) | job / alone | "
+            "job end to end (images/s) | GPU kernel-active % (alone's call / job's steady window) | images |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            *rows,
+        ]
+    )
 
 
 def report(paths: list[str]) -> str:
@@ -433,7 +542,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--seed-loop", type=int, default=2048, help="images for the seed-loop measurement")
     ap.add_argument("--work", default="/tmp/omnilmm-bench")
-    ap.add_argument("--part", choices=["ceilings", "jobs", "startup"])
+    ap.add_argument("--part", choices=["ceilings", "jobs", "startup", "family", "sweep"])
     ap.add_argument("--out")
     ap.add_argument(
         "--jobs", nargs="+", help="--part jobs: only these (job_1gpu job_2gpu job_autoscale_1to2)"
@@ -442,28 +551,57 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="--part startup: how many warm-Ray jobs")
     ap.add_argument("--report", nargs="+")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="2b", help="the model's published shapes")
+    ap.add_argument(
+        "--family",
+        default="qwen2_vl",
+        help="--part family: qwen2_vl or a name in omnilmm_ray/testing/tiny_families.py SHAPES",
+    )
+    ap.add_argument("--report-families", nargs="+")
+    ap.add_argument("--cells", default="32x1,32x2,32x4,64x2,128x2,256x1,256x2,256x4", help="--part sweep")
+    ap.add_argument("--report-sweep")
     ap.add_argument("--side", choices=["ceiling"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--backend", default="turbomind", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.report:
         print(report(args.report))
         return
+    if args.report_families:
+        print(report_families(args.report_families))
+        return
+    if args.report_sweep:
+        print(report_sweep(args.report_sweep))
+        return
     work = Path(args.work)
     if args.side == "ceiling":
-        print(json.dumps(ceiling(args.model, str(work / "shards"), args.tokens, args.seed_loop)))
+        shards = str(work / "shards")
+        print(json.dumps(ceiling(args.model, shards, args.tokens, args.seed_loop, args.backend)))
         return
     import lmdeploy
     import ray
     import torch
 
+    from omnilmm_ray.testing import tiny_families
     from omnilmm_ray.testing.tiny_vlm import QWEN2_VL_2B, build
 
-    model_dir = work / f"Qwen2-VL-{args.shape.upper()}-shapes"
-    shapes = SHAPES[args.shape] or QWEN2_VL_2B
-    model = str(model_dir if (model_dir / "config.json").exists() else build(model_dir, shapes=shapes))
+    if args.family == "qwen2_vl":
+        model_dir = work / f"Qwen2-VL-{args.shape.upper()}-shapes"
+        shapes = SHAPES[args.shape] or QWEN2_VL_2B
+        if not (model_dir / "config.json").exists():
+            build(model_dir, shapes=shapes)
+    else:
+        model_dir = work / f"{args.family}-small-shapes"
+        args.backend = tiny_families.BUILDERS[args.family].backend
+        if not (model_dir / "config.json").exists():
+            tiny_families.build(args.family, model_dir, shapes=tiny_families.SHAPES[args.family])
+    model = str(model_dir)
     shards = make_shards(work / "shards", args.images)
-    part = {"ceilings": run_ceilings, "jobs": run_jobs, "startup": run_startup}[args.part]
+    parts = {"ceilings": run_ceilings, "jobs": run_jobs, "startup": run_startup, "family": run_family}
+    part = {**parts, "sweep": run_sweep}[args.part]
     res = part(args, model, shards)
+    if args.part == "family":
+        params = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2e9  # bf16 bytes -> params
+        res[args.family].update(backend=args.backend, shape=f"~{params:.1f} B params")
     res["meta"] = {
         "date": time.strftime("%Y-%m-%d"),
         "gpu": torch.cuda.get_device_name(0),
@@ -475,9 +613,10 @@ def main() -> None:
         "images": args.images,
         "tokens": args.tokens,
         "batch": args.batch,
-        "shape": f"Qwen2-VL-{args.shape.upper()}",
+        "shape": f"Qwen2-VL-{args.shape.upper()}" if args.family == "qwen2_vl" else f"{args.family} small",
         "commands": "`python bench/gpu_scale.py --part ceilings --out C.json`, `... --part jobs --out J.json`, "
         "`... --part startup --out S.json`, `... --report C.json J.json S.json`",
+        "command": " ".join(["python bench/gpu_scale.py", *sys.argv[1:]]),
     }
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))

@@ -58,9 +58,12 @@ INTERNVL_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
 INTERNVL_TILE = 112  # px per tile: (112 / 14)^2 patches, pixel-shuffled by 0.5 -> 16 tokens per tile
 
 
-def _internvl(out: Path, seed: int, dtype: str) -> Path:
+def _internvl(out: Path, seed: int, dtype: str, shapes: dict | None = None) -> Path:
     """InternVL3 in Hugging Face format (-hf): InternViT + MLP projector + a Qwen2 language model."""
     import transformers
+
+    shapes = shapes or {}
+    tile = shapes.get("tile", INTERNVL_TILE)
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *INTERNVL_TOKENS.values()]
     tok = tokenizer(special, INTERNVL_CHAT_TEMPLATE, **INTERNVL_TOKENS)
@@ -73,21 +76,25 @@ def _internvl(out: Path, seed: int, dtype: str) -> Path:
         "bos_token_id": pad,
         "eos_token_id": eos,
         "dtype": dtype,
+        **shapes.get("text", {}),
     }
-    vision = dict(
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,  # head_dim 64
-        intermediate_size=256,
-        image_size=[INTERNVL_TILE, INTERNVL_TILE],
-        patch_size=[14, 14],
-        attention_bias=True,
-        norm_type="layer_norm",
-        use_qk_norm=False,
-        use_mean_pooling=True,
-        dtype=dtype,
-    )
-    seq = (INTERNVL_TILE // 14) ** 2 // 4
+    vision = {
+        **dict(
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,  # head_dim 64
+            intermediate_size=256,
+            image_size=[tile, tile],
+            patch_size=[14, 14],
+            attention_bias=True,
+            norm_type="layer_norm",
+            use_qk_norm=False,
+            use_mean_pooling=True,
+            dtype=dtype,
+        ),
+        **shapes.get("vision", {}),
+    }
+    seq = (tile // 14) ** 2 // 4
     cfg = transformers.InternVLConfig(
         vision_config=vision,
         text_config=text,
@@ -102,7 +109,7 @@ def _internvl(out: Path, seed: int, dtype: str) -> Path:
     write_json(out, "config.json", config_dict(cfg, "InternVLForConditionalGeneration", dtype, text))
     write_generation_config(out, tok, eos=["<|im_end|>", "<|endoftext|>"], pad="<|endoftext|>")
     proc = dict(
-        size={"height": INTERNVL_TILE, "width": INTERNVL_TILE},
+        size={"height": tile, "width": tile},
         crop_to_patches=False,
         min_patches=1,
         max_patches=4,
@@ -196,16 +203,95 @@ def _llava(out: Path, seed: int, dtype: str) -> Path:
     return out
 
 
-def _qwen2_5_vl_awq(out: Path, seed: int, dtype: str) -> Path:
+def _qwen2_5_vl_awq(out: Path, seed: int, dtype: str, shapes: dict | None = None) -> Path:
     """Qwen2.5-VL with its language model in AWQ int4 (tiny_awq.py), float16 like the published AWQ models."""
     from omnilmm_ray.testing.tiny_awq import quantize_folder
 
-    return quantize_folder(qwen(out, seed, "float16", "qwen2_5_vl"))
+    return quantize_folder(qwen(out, seed, "float16", "qwen2_5_vl", shapes))
+
+
+def _full_every_4th(n: int) -> list[str]:
+    return ["full_attention" if i % 4 == 3 else "linear_attention" for i in range(n)]
+
+
+# Speed runs (bench/gpu_scale.py --family): random weights with the shapes of each family's small instruct model,
+# from its published config.json (Qwen2.5-VL-3B, InternVL3-2B-hf, Qwen3-VL-2B). Qwen3.5's 2B layout (3 linear-
+# attention layers to 1 full, head_dim 256, its Qwen3-VL-2B-sized vision tower) with sizes between the published
+# 0.8B and 4B configs. Images: 448 x 448 at most (256 image tokens), one InternVL tile of 448 (256 tokens), as the
+# Qwen2-VL-2B runs (tiny_vlm.QWEN2_VL_2B); the vocabulary stays tiny (512 ids).
+_QWEN3_VISION_2B = dict(
+    depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048
+)
+SHAPES = {
+    "qwen2_5_vl": {
+        "text": dict(
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+        ),
+        "vision": dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=2048,
+            fullatt_block_indexes=[7, 15, 23, 31],
+        ),
+        "max_pixels": 448 * 448,
+    },
+    "internvl3_hf": {
+        "text": dict(
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+        ),
+        "vision": dict(
+            hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+        ),
+        "tile": 448,
+    },
+    "qwen3_vl": {
+        "text": dict(
+            hidden_size=2048,
+            intermediate_size=6144,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+        ),
+        "vision": {
+            **_QWEN3_VISION_2B,
+            "deepstack_visual_indexes": [5, 11, 17],
+            "num_position_embeddings": 2304,
+        },
+        "max_pixels": 448 * 448,
+    },
+    "qwen3_5": {
+        "text": dict(
+            hidden_size=2048,
+            intermediate_size=6144,
+            num_hidden_layers=24,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=256,
+            layer_types=_full_every_4th(24),
+            linear_num_key_heads=16,
+            linear_num_value_heads=16,
+        ),
+        "vision": {**_QWEN3_VISION_2B, "num_position_embeddings": 2304},
+        "max_pixels": 448 * 448,
+    },
+}
+SHAPES["qwen2_5_vl_awq"] = SHAPES["qwen2_5_vl"]
 
 
 @dataclass(frozen=True)
 class Tiny:
-    build: Callable[[Path, int, str], Path]
+    build: Callable[..., Path]  # (out, seed, dtype, shapes=None) -> out
     folder: str  # the model folder's name (lmdeploy matches some chat templates by path; these match none)
     backend: str  # what lmdeploy 0.18 picks under engine.backend=auto
     image_tokens: int  # at least this many input tokens for a SIZE x SIZE image
@@ -221,10 +307,15 @@ BUILDERS = {
 }
 
 
-def build(family: str, out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16") -> Path:
+def build(
+    family: str, out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16", shapes: dict | None = None
+) -> Path:
+    """The family's tiny model; `shapes` (e.g. SHAPES[family]) gives it a published model's sizes instead."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return BUILDERS[family].build(out, seed, dtype)
+    if shapes is None:
+        return BUILDERS[family].build(out, seed, dtype)
+    return BUILDERS[family].build(out, seed, dtype, shapes=shapes)
 
 
 if __name__ == "__main__":

@@ -39,8 +39,9 @@ def config_dict(cfg, arch: str, dtype: str, text: dict) -> dict:
     return d
 
 
-def qwen(out: Path, seed: int, dtype: str, family: str) -> Path:
-    """Qwen2.5-VL, Qwen3-VL and Qwen3.5: a Qwen tokenizer, a Qwen2-VL-style processor, mrope."""
+def qwen(out: Path, seed: int, dtype: str, family: str, shapes: dict | None = None) -> Path:
+    """Qwen2.5-VL, Qwen3-VL and Qwen3.5: a Qwen tokenizer, a Qwen2-VL-style processor, mrope. `shapes`
+    ({"text": ..., "vision": ..., "max_pixels": ...}) overrides the tiny sizes (tiny_families.SHAPES)."""
     import transformers
 
     tok = tokenizer()
@@ -112,7 +113,15 @@ def qwen(out: Path, seed: int, dtype: str, family: str) -> Path:
                 "linear_conv_kernel_dim": 4,
             }
             cfg_cls, model_cls = transformers.Qwen3_5Config, transformers.Qwen3_5ForConditionalGeneration
-    text = {**text, "bos_token_id": pad, "eos_token_id": eos, "dtype": dtype}
+    shapes = shapes or {}
+    if (
+        "max_pixels" in shapes
+    ):  # the image budget of the speed runs (448 x 448 -> 256 image tokens at patch 14)
+        if "min_pixels" in proc:
+            proc["max_pixels"] = shapes["max_pixels"]
+        size = {**size, "longest_edge": shapes["max_pixels"]}
+    text = {**text, **shapes.get("text", {}), "bos_token_id": pad, "eos_token_id": eos, "dtype": dtype}
+    vision = {**vision, **shapes.get("vision", {})}
     cfg = cfg_cls(text_config=text, vision_config={**vision, "dtype": dtype}, **ids)
     model = init_model(model_cls, cfg, dtype, seed)
     save_weights(model, out, rename)
