@@ -557,6 +557,7 @@ def main() -> None:
         help="--part family: qwen2_vl or a name in omnilmm_ray/testing/tiny_families.py SHAPES",
     )
     ap.add_argument("--report-families", nargs="+")
+    ap.add_argument("--awq", action="store_true", help="qwen2_vl: the language model's linears in AWQ int4")
     ap.add_argument("--cells", default="32x1,32x2,32x4,64x2,128x2,256x1,256x2,256x4", help="--part sweep")
     ap.add_argument("--report-sweep")
     ap.add_argument("--side", choices=["ceiling"], help=argparse.SUPPRESS)
@@ -585,10 +586,16 @@ def main() -> None:
     from omnilmm_ray.testing.tiny_vlm import QWEN2_VL_2B, build
 
     if args.family == "qwen2_vl":
-        model_dir = work / f"Qwen2-VL-{args.shape.upper()}-shapes"
+        model_dir = work / f"Qwen2-VL-{args.shape.upper()}-shapes{'-AWQ' if args.awq else ''}"
         shapes = SHAPES[args.shape] or QWEN2_VL_2B
         if not (model_dir / "config.json").exists():
-            build(model_dir, shapes=shapes)
+            build(model_dir, dtype="float16" if args.awq else "bfloat16", shapes=shapes)
+            if (
+                args.awq
+            ):  # int4 round-to-nearest in AWQ's layout: the speed of a real AWQ model, not its quality
+                from omnilmm_ray.testing.tiny_awq import quantize_folder
+
+                quantize_folder(model_dir)
     else:
         model_dir = work / f"{args.family}-small-shapes"
         args.backend = tiny_families.BUILDERS[args.family].backend
@@ -613,7 +620,11 @@ def main() -> None:
         "images": args.images,
         "tokens": args.tokens,
         "batch": args.batch,
-        "shape": f"Qwen2-VL-{args.shape.upper()}" if args.family == "qwen2_vl" else f"{args.family} small",
+        "shape": (
+            f"Qwen2-VL-{args.shape.upper()}{' AWQ int4' if args.awq else ''}"
+            if args.family == "qwen2_vl"
+            else f"{args.family} small"
+        ),
         "commands": "`python bench/gpu_scale.py --part ceilings --out C.json`, `... --part jobs --out J.json`, "
         "`... --part startup --out S.json`, `... --report C.json J.json S.json`",
         "command": " ".join(["python bench/gpu_scale.py", *sys.argv[1:]]),
