@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.dataset as pads
 import pytest
@@ -100,7 +101,13 @@ def _put(s3, local, bucket):
     s3.put(str(local) + "/", f"{bucket}/in/", recursive=True)
 
 
-def test_transient_s3_faults_are_retried(ray_local, s3, s3_endpoint, tmp_path):
+def test_transient_s3_faults_are_retried(ray_local, s3, s3_endpoint, tmp_path, monkeypatch):
+    from omnilmm_ray import snapshot
+
+    # A publish cut off by a fault starts over after a backoff (1, 2, 4, ... s): the attempts are what this
+    # test checks, so they follow each other at once.
+    slept = []
+    monkeypatch.setattr(snapshot, "time", SimpleNamespace(sleep=slept.append))
     build_samples(tmp_path / "in", shards=3, per_shard=6)
     _put(s3, tmp_path / "in", "faulty-in")
     s3.mkdir("faulty-out")
@@ -127,7 +134,7 @@ def test_transient_s3_faults_are_retried(ray_local, s3, s3_endpoint, tmp_path):
     run_dir = next(p for p in s3.ls("faulty-out/t") if "run=" in p)
     t = pads.dataset(run_dir, filesystem=s3, format="parquet").to_table()
     assert t.num_rows == 3 * 6 + 3 and t.column("error").null_count == t.num_rows
-    print("injected faults:", proxy.injected)
+    print("injected faults:", proxy.injected, "publish attempts cut off:", len(slept))
 
 
 @pytest.mark.parametrize("policy", ["error_rows", "fail"])

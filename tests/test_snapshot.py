@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -283,13 +284,18 @@ def test_a_failed_publish_fails_the_job_and_the_rerun_publishes(ray_local, tmp_p
     out = str(tmp_path / "out")
 
     from omnilmm_ray import deltafiles
+    from omnilmm_ray import snapshot as publishing
 
     def refuse(*a, **k):
         raise OSError("the store refused the commit (test)")
 
+    slept = []
     with monkeypatch.context() as m:
         m.setattr(deltafiles.DataFiles, "commit", refuse)
+        # the backoff between publish attempts (1 + 2 + ... + 30 s = 91 s in all) is recorded, not waited
+        m.setattr(publishing, "time", SimpleNamespace(sleep=slept.append))
         assert night(inputs, out) == 1
+    assert len(slept) == publishing.PUBLISH_ATTEMPTS - 1, slept  # it gave up after its last attempt
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "snapshot" in last and "rerun the same command to publish it" in last and last.endswith("[exit 1]")
     (rid,) = sealed_runs(out)  # sealed, never unsealed
