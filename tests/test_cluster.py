@@ -5,6 +5,7 @@ side: tests/test_cluster_image.py; exit codes through the schedulers: tests/test
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import re
@@ -29,8 +30,12 @@ def _docs(name: str) -> list[dict]:
     return [d for d in yaml.safe_load_all((CLUSTER / name).read_text()) if d]
 
 
+@functools.cache
 def _crd_schema(kind: str) -> dict:
-    crd = yaml.safe_load(gzip.decompress((CRDS / f"ray.io_{kind.lower()}s.yaml.gz").read_bytes()))
+    """Read once per process (no test changes it), with libyaml's parser where PyYAML has it: the pure-Python
+    one takes seconds for a CRD."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crd = yaml.load(gzip.decompress((CRDS / f"ray.io_{kind.lower()}s.yaml.gz").read_bytes()), Loader=loader)
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return v1["schema"]["openAPIV3Schema"]
 
