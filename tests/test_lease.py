@@ -180,27 +180,30 @@ def test_a_paused_job_that_lost_its_lease_stops_without_writing(ray_local, tmp_p
     from tests.conftest import ROOT
 
     build_samples(tmp_path / "in", shards=2, per_shard=8)
-    out, cfg = tmp_path / "out", tmp_path / "job.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "engine": {"backend": "fake", "fake_delay_s": 2},
-                "scale": {"batch_size": 2},
-                "preprocess": {"num_cpus": 0.75},  # not 0.5: equal resources fuse it into the engine actor
-                "sink": {"commit_rows": 2, "lock_ttl_s": 4},
-            }
-        )
-    )
-    cmd = [sys.executable, str(ROOT / "jobs" / "caption.py"), "--config", str(cfg)]
-    cmd += ["--input", str(tmp_path / "in" / "webdataset"), "--output", str(out)]
+    out = tmp_path / "out"
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
 
-    def start():
+    def start(fake_delay_s):
+        """A batch takes `fake_delay_s` in the engine (not part of the run's settings: B resumes A's run)."""
+        cfg = tmp_path / f"job-{fake_delay_s}.yaml"
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "engine": {"backend": "fake", "fake_delay_s": fake_delay_s},
+                    "scale": {"batch_size": 2},
+                    # not 0.5: equal resources fuse it into the engine actor
+                    "preprocess": {"num_cpus": 0.75},
+                    "sink": {"commit_rows": 2, "lock_ttl_s": 4},
+                }
+            )
+        )
+        cmd = [sys.executable, str(ROOT / "jobs" / "caption.py"), "--config", str(cfg)]
+        cmd += ["--input", str(tmp_path / "in" / "webdataset"), "--output", str(out)]
         return subprocess.Popen(
             cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
 
-    a = start()
+    a = start(fake_delay_s=2)
     deadline = time.time() + 120
     while not list(out.glob("run=*/*.parquet")) and time.time() < deadline and a.poll() is None:
         time.sleep(0.05)
@@ -218,7 +221,7 @@ def test_a_paused_job_that_lost_its_lease_stops_without_writing(ray_local, tmp_p
         # B refuses a lease whose heartbeat is fresh and waits out one that missed two beats: start it then
         while time.time() - json.loads((out / "_lock.json").read_text())["heartbeat"] < 2.5:
             time.sleep(0.1)
-        b = start()
+        b = start(fake_delay_s=0.1)  # B's speed is not what this test is about: it finishes A's run quickly
         assert b.wait(timeout=180) == 0, b.stderr.read().decode()[-3000:]
         after_b = _files(out)
     finally:
