@@ -249,15 +249,15 @@ def test_job_kills_while_a_batch_is_in_the_engine_are_no_engine_crash(ray_local,
     build_samples(tmp_path / "in", shards=1, per_shard=8)
     inputs, out = tmp_path / "in" / "webdataset", tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "jobs" / "caption.py"), "--input", str(inputs), "--output", str(out)]
-    cmd += ["--engine", "fake", "--fake-delay", "4", "--batch-size", "8"]
+    cmd += ["--engine", "fake", "--batch-size", "8"]
     cluster = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     jobs = set()
     for rows_with in (None, ":0"):
-        p = start(cmd, cluster)
+        p = start([*cmd, "--fake-delay", "4"], cluster)  # the batch stays in the engine until the kill
         jobs.add(_wait_in_engine(p, rows_with))
         os.killpg(p.pid, signal.SIGKILL)
         assert p.wait(timeout=60) == -signal.SIGKILL
-    p = start(cmd, cluster)
+    p = start(cmd, cluster)  # the same run (the engine's delay is no run setting), without waiting
     out_, err = p.communicate(timeout=300)
     err = err.decode()
     assert p.returncode == 0, err[-3000:]
