@@ -27,7 +27,7 @@ from omnilmm_ray.errors import storage_access
 from omnilmm_ray.faults import clear_flight_records, kill_point
 from omnilmm_ray.lease import Lease
 from omnilmm_ray.metrics import DriverMetrics
-from omnilmm_ray.progress import ProgressReporter, plan_counts
+from omnilmm_ray.progress import ProgressReporter, cluster_memory, plan_counts
 from omnilmm_ray.prompts import TypoCheck, templates
 from omnilmm_ray.quality import quality_summary
 from omnilmm_ray.reuse import build_index
@@ -188,6 +188,7 @@ def caption(cfg: JobConfig, table: OutputTable, night: Night, lease: Lease) -> N
         every_s=cfg.report.progress_s,
         metrics=DriverMetrics() if cfg.report.metrics else None,
         gpus=None if cfg.engine.backend == "fake" else _gpus_in_use,
+        memory=cluster_memory,
     )
     t0, processed = time.time(), 0
     typos = TypoCheck(any(t.fields for t in templates(cfg.prompt, cfg.prompts).values()))

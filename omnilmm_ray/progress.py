@@ -1,6 +1,6 @@
 """The driver's progress line, when the pipeline starts and then every `report.progress_s` seconds:
 
-    progress: 1,204/~20,480 images (6%), shards 3/80 committed, 412.5 images/s (last 60s), ETA ~47m, errors: decode_error 2, flagged: 31 (too_short 20, refusal 11)
+    progress: 1,204/~20,480 images (6%), shards 3/80 committed, 412.5 images/s (last 60s), ETA ~47m, errors: decode_error 2, flagged: 31 (too_short 20, refusal 11), memory: driver 612 MB, object store 1.2/18.0 GB, spilled 0 B
 
 Images are this attempt's work (a resumed run does not count what earlier attempts committed); shards are
 the run's. Planned counts come from the plan where that is cheap (loose files: the file count; Parquet: the
@@ -10,11 +10,15 @@ nothing to estimate from yet (only tars, none read) the count is `?`.
 
 The rate, and the ETA from it, count only since the first rows came back and over the last RATE_WINDOW_S at
 most: an average since the start would include the engine's start-up and overstate the time left.
+
+`memory` is the driver's resident memory and the cluster's object store (used / capacity, bytes spilled to
+disk so far): what `ray memory --stats-only` shows, read the same way, so a long run's growth is in its log.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import Counter, deque
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 RATE_WINDOW_S = 60.0
 GPU_SAMPLE_S = 5.0  # GPUs in use are sampled (and gauges re-exported) this often
 MAX_FOOTERS = 256  # Parquet footers read at plan time (one ranged GET each); the rest are estimated
+_STATE: dict = {}  # cluster_memory's GCS client
 
 
 def _parquet_rows(uri: str, storage_options: dict) -> int | None:
@@ -73,6 +78,56 @@ def plan_counts(shards: list[Shard], storage_options: dict | None = None) -> dic
     return counts
 
 
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def driver_rss() -> int | None:
+    """This process's resident memory (Linux; None elsewhere): one number, not worth a psutil dependency."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def cluster_memory() -> dict[str, int | None]:
+    """The driver's RSS and the object store of the Ray cluster this process is connected to, as
+    `ray memory --stats-only` reads them (ray._private.internal_api: no public API gives the store's use or
+    spill; on any failure those keys are left out and the line shows the driver alone)."""
+    out: dict[str, int | None] = {"driver_rss": driver_rss()}
+    try:
+        import ray
+        from ray._private import internal_api
+
+        state = _STATE.get("state")
+        if state is None:  # one GCS client for the run, not one per line
+            state = _STATE["state"] = internal_api.get_state_from_address(
+                ray.get_runtime_context().gcs_address
+            )
+        stats = internal_api.get_memory_info_reply(state, timeout_seconds=5).store_stats
+        out.update(
+            store_used=stats.object_store_bytes_used,
+            store_capacity=stats.object_store_bytes_avail,  # its name notwithstanding: `ray memory` divides by it
+            spilled=stats.spilled_bytes_total,
+        )
+    except Exception as e:  # a GCS hiccup or a Ray without these internals must not stop the progress line
+        log.debug("could not read the object store's stats: %s", e)
+    return out
+
+
+def memory_text(m: dict[str, int | None]) -> str:
+    parts = [f"driver {_bytes(m['driver_rss'])}"] if m.get("driver_rss") is not None else []
+    if m.get("store_capacity"):
+        gb = m["store_used"] / 1e9, m["store_capacity"] / 1e9
+        parts.append(f"object store {gb[0]:.1f}/{gb[1]:.1f} GB, spilled {_bytes(m['spilled'])}")
+    return ", ".join(parts) or "?"
+
+
 def _duration(s: float) -> str:
     s = int(s)
     if s >= 3600:
@@ -105,9 +160,11 @@ class ProgressReporter:
         every_s: float,
         metrics=None,
         gpus=None,
+        memory=None,
         clock=time.monotonic,
     ):
-        """`gpus`: a function returning the GPUs in use now, sampled to add up `gpu_seconds`."""
+        """`gpus`: a function returning the GPUs in use now, sampled to add up `gpu_seconds`; `memory`: one
+        returning `cluster_memory()`'s dict, sampled for each line (None: the line has no memory part)."""
         self.shards = {s.shard_id: s for s in shards}
         self.done_before = {sid: len(done_indices.get(sid, ())) for sid in self.shards}
         self.counts = dict(counts)  # sid -> images of the shard this run wants (None: not known yet)
@@ -121,6 +178,7 @@ class ProgressReporter:
         self.metrics = metrics
         self.clock = clock
         self.gpus = gpus
+        self.memory = memory
         self.gpu_seconds = 0.0
         self.t0 = clock()
         # (time, images so far) per batch, from the first batch on: the time before it is start-up
@@ -213,7 +271,8 @@ class ProgressReporter:
         t_first, n_first = self.samples[0]
         return (self.images - n_first) / (now - t_first), now - t_first
 
-    def line(self) -> str:
+    def line(self, memory: dict[str, int | None] | None = None) -> str:
+        """`memory`: `cluster_memory()`'s dict, shown at the end of the line."""
         with self._lock:
             now = self.clock()
             rate, span = self.rate(now)
@@ -236,7 +295,11 @@ class ProgressReporter:
             f"{speed}, ETA {eta}, errors: "
             + (", ".join(f"{k} {n:,}" for k, n in errors) if errors else "none")
             + f", flagged: {quality}"
+            + (f", memory: {memory_text(memory)}" if memory is not None else "")
         )
+
+    def _memory(self) -> dict[str, int | None] | None:
+        return self.memory() if self.memory is not None else None
 
     def _sample_gpus(self, fresh: bool = True) -> None:
         """Add the GPUs in use since the last sample times the time since; `fresh=False` (at the end, when
@@ -258,11 +321,11 @@ class ProgressReporter:
             self._export_planned()
             if self.clock() - last_line >= self.every_s:
                 last_line = self.clock()
-                log.info("%s", self.line())
+                log.info("%s", self.line(self._memory()))
 
     def start(self) -> None:
         self._gpu_t, self._gpus_last = self.clock(), 0.0
-        log.info("%s", self.line())  # at once: what is planned, before the engine's start-up
+        log.info("%s", self.line(self._memory()))  # at once: what is planned, before the engine's start-up
         self._thread = threading.Thread(target=self._loop, name="omnilmm-progress", daemon=True)
         self._thread.start()
 
@@ -272,4 +335,4 @@ class ProgressReporter:
             return
         self._thread.join()
         self._sample_gpus(fresh=False)
-        log.info("%s", self.line())
+        log.info("%s", self.line(self._memory()))

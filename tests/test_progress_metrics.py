@@ -200,6 +200,13 @@ def test_fake_run_logs_progress_and_exports_metrics(ray_local, tmp_path, caplog,
     assert bad and all(f"{k} {c}" in lines[-1] for k, c in bad)
     flagged = summary["quality"]["flagged_rows"]
     assert flagged and f"flagged: {flagged:,} (" in lines[-1]
+    # the driver's memory and the object store of the Ray it ran on, as `ray memory --stats-only` reads them
+    store = ray.cluster_resources()["object_store_memory"] / 1e9
+    mem = re.search(
+        r", memory: driver (\d+) MB, object store ([\d.]+)/([\d.]+) GB, spilled \d+ [KMG]?B$", lines[-1]
+    )
+    assert mem, lines[-1]
+    assert 50 < int(mem[1]) < 8000 and float(mem[2]) <= float(mem[3]) and abs(float(mem[3]) - store) < 0.1
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("omnilmm_ray")]
     done = capsys.readouterr().out.strip().splitlines()[-1]
     assert done.startswith("done: ") and f"summary: {run}/_summary.json" in done
@@ -256,3 +263,20 @@ def test_grafana_dashboard_queries_only_emitted_metrics():
     queried = {m for e in exprs for m in re.findall(r"\bray_omnilmm_[a-z_]+", e)}
     assert queried and queried <= emitted, sorted(queried - emitted)
     assert {f"ray_{n}" for n in METRICS} <= {re.sub(r"_(total|bucket|sum|count)$", "", q) for q in queried}
+
+
+def test_memory_part_of_the_line():
+    from omnilmm_ray.progress import memory_text
+
+    gb = 10**9
+    assert (
+        memory_text(
+            {"driver_rss": 612 * 10**6, "store_used": 1.2 * gb, "store_capacity": 18 * gb, "spilled": 0}
+        )
+        == "driver 612 MB, object store 1.2/18.0 GB, spilled 0 B"
+    )
+    assert memory_text({"driver_rss": 2 * gb, "store_used": 0, "store_capacity": gb, "spilled": 3 * gb}) == (
+        "driver 2.0 GB, object store 0.0/1.0 GB, spilled 3.0 GB"
+    )
+    assert memory_text({"driver_rss": 5 * 10**5}) == "driver 500 KB"  # the store could not be read
+    assert memory_text({"driver_rss": None}) == "?"
