@@ -144,11 +144,18 @@ def test_a_shard_that_stays_unreadable(ray_local, s3, s3_endpoint, tmp_path, pol
     _put(s3, tmp_path / "in", bucket)
     with FaultyProxy(s3_endpoint, broken="00001.tar") as proxy:
         opts = {"endpoint_url": proxy.url}
+        # The client tries a GET twice rather than botocore's default 5 times with backoff (~6 s a read):
+        # whether its retries or the job's read attempts give up, the shard stays unreadable.
+        client_retries = {"config_kwargs": {"retries": {"max_attempts": 1}}}
         rc = run(
             ["--input", f"s3://{bucket}/in/webdataset", "--output", f"s3://{bucket}/out"],
             tmp_path,
             engine={"backend": "fake"},
-            input={"storage_options": opts, "on_unreadable_shard": policy, "read_attempts": 1},
+            input={
+                "storage_options": {**opts, **client_retries},
+                "on_unreadable_shard": policy,
+                "read_attempts": 1,
+            },
             sink={"storage_options": opts},
         )
     assert proxy.injected["broken"] > 0
