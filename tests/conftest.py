@@ -77,3 +77,21 @@ def ray_local(s3_endpoint):
     )
     yield
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest first: the `slow` tests, then the other `integration` ones (the order within each kind stays).
+    Under pytest-xdist a long test that starts last keeps one worker busy after the other ran out of tests."""
+    items.sort(
+        key=lambda item: (
+            item.get_closest_marker("slow") is None,
+            item.get_closest_marker("integration") is None,
+        )
+    )
+
+
+def pytest_configure(config):
+    # xdist's `load` scheduling hands each worker its tests in chunks (about an eighth of the suite at first),
+    # so one worker could get several long tests at once; one at a time keeps the longest-first order useful.
+    if getattr(config.option, "maxschedchunk", "no xdist") is None:
+        config.option.maxschedchunk = 1
