@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 RATE_WINDOW_S = 60.0
 GPU_SAMPLE_S = 5.0  # GPUs in use are sampled (and gauges re-exported) this often
 MAX_FOOTERS = 256  # Parquet footers read at plan time (one ranged GET each); the rest are estimated
-_STATE: dict = {}  # cluster_memory's GCS client
 
 
 def _parquet_rows(uri: str, storage_options: dict) -> int | None:
@@ -102,14 +101,14 @@ def cluster_memory() -> dict[str, int | None]:
     out: dict[str, int | None] = {"driver_rss": driver_rss()}
     try:
         import ray
-        from ray._private import internal_api
+        from ray._private import internal_api, state
 
-        state = _STATE.get("state")
-        if state is None:  # one GCS client for the run, not one per line
-            state = _STATE["state"] = internal_api.get_state_from_address(
-                ray.get_runtime_context().gcs_address
-            )
-        stats = internal_api.get_memory_info_reply(state, timeout_seconds=5).store_stats
+        if not ray.is_initialized():
+            return out
+        # The driver's own GCS connection (what ray.nodes() uses), not a client of our own: a client kept past
+        # its cluster's end made the next job's driver exit with status 1 (Ray ends a process whose GCS client
+        # loses its GCS), seen when one process ran jobs on two Ray clusters one after the other.
+        stats = internal_api.get_memory_info_reply(state.state, timeout_seconds=5).store_stats
         out.update(
             store_used=stats.object_store_bytes_used,
             store_capacity=stats.object_store_bytes_avail,  # its name notwithstanding: `ray memory` divides by it

@@ -3,6 +3,8 @@
 import json
 import logging
 import re
+import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import replace
@@ -280,3 +282,27 @@ def test_memory_part_of_the_line():
     )
     assert memory_text({"driver_rss": 5 * 10**5}) == "driver 500 KB"  # the store could not be read
     assert memory_text({"driver_rss": None}) == "?"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_memory_sampling_survives_a_second_ray_cluster_in_the_same_process(tmp_path):
+    """A process that runs jobs on two Ray clusters one after the other (tests, notebooks, the Python API):
+    the progress line's object-store reading must follow the current cluster. A GCS client kept from the first
+    one made Ray end the whole process with status 1 once its GCS was gone ("Failed to connect to GCS within 60
+    seconds ... The program will terminate")."""
+    script = tmp_path / "two_clusters.py"
+    script.write_text(
+        "import ray\n"
+        "from omnilmm_ray.progress import cluster_memory\n"
+        "for store in (80_000_000, 120_000_000):\n"
+        "    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=store)\n"
+        "    print(cluster_memory()['store_capacity'], flush=True)\n"
+        "    ray.shutdown()\n"
+        "print(cluster_memory(), flush=True)\n"  # no cluster: the driver alone
+    )
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=150, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    first, second, last = r.stdout.strip().splitlines()[-3:]
+    assert abs(int(first) - 80_000_000) < 5_000_000 and abs(int(second) - 120_000_000) < 5_000_000, r.stdout
+    assert "store_capacity" not in last and "driver_rss" in last
