@@ -96,6 +96,18 @@ def iter_images(shards: Path):
                 yield Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")
 
 
+def machine() -> str:
+    """The GPUs (nvidia-smi's names) and the CPU cores of this machine, in words."""
+    try:
+        names = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout.split("\n")
+        gpus = [n for n in names if n.strip()]
+    except FileNotFoundError:
+        gpus = []
+    return (f"{len(gpus)} x {gpus[0]}" if gpus else "no GPU") + f", {os.cpu_count()} CPU cores"
+
+
 def _cpu_times() -> tuple[int, int]:
     """(idle + iowait, total) jiffies of all cores since boot."""
     f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -113,11 +125,14 @@ class GpuSampler:
 
     def _run(self):
         while not self._stop.wait(0.2):
-            r = subprocess.run(
-                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
-                capture_output=True,
-                text=True,
-            )
+            try:
+                r = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                    capture_output=True,
+                    text=True,
+                )
+            except FileNotFoundError:  # no GPU here (the fake engine's runs): CPU share only
+                return
             if r.returncode == 0:
                 self.samples.append((time.time(), [int(x) for x in r.stdout.split()]))
 
