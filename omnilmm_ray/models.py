@@ -14,7 +14,7 @@ Pure: no lmdeploy, torch or transformers.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from omnilmm_ray import quantization
 
@@ -219,9 +219,8 @@ def route(config: dict, model: str, backend: str = "auto", lists: Lists = OWN) -
         # A quantised checkpoint keeps lmdeploy's own processor: on 2026-12-07 (1x H100) TurboMind captioned a
         # tiny AWQ Qwen2.5-VL differently from bit-identical CPU-side patches than from the image (0 of 16
         # greedy captions equal, tests/gpu/test_families_gpu.py), and until a GPU run explains that, its rows
-        # come from the engine's own path. The fake engine describes what the real one would take.
-        offload = chosen in PATCH_BACKENDS and (not quant or chosen == "fake")
-        processor = fam.processor if fam and offload else None
+        # come from the engine's own path.
+        processor = fam.processor if fam and chosen in PATCH_BACKENDS and not quant else None
         gpu_run = fam.gpu_run if fam else None
         return Route(model, arch, fam.name if fam else None, chosen, processor, quant, gpu_run, lists.version)
 
@@ -306,9 +305,12 @@ def cpu_processor(model: str, backend: str = "auto", *, family_only: bool = Fals
     if files is None:
         return None
     try:
-        r = route(files[0], model, "fake" if family_only else backend)
+        r = route(files[0], model, backend)
     except Refused:  # the engine actor refuses it, with this reason, before any shard is read
         return None
+    if family_only:
+        fam = family_of(files[0])
+        r = replace(r, processor=fam.processor if fam else None)
     return _spec(r, *files)
 
 
