@@ -17,6 +17,7 @@ from pathlib import Path
 from omnilmm_ray.testing.tiny_qwen import SIZE, config_dict, qwen
 from omnilmm_ray.testing.tiny_vlm import (
     CHAT_TEMPLATE,
+    QWEN2_VL_2B,
     TEXT,
     init_model,
     save_video_processor,
@@ -242,13 +243,7 @@ SHAPES = {
         "max_pixels": 448 * 448,
     },
     "internvl3_hf": {
-        "text": dict(
-            hidden_size=1536,
-            intermediate_size=8960,
-            num_hidden_layers=28,
-            num_attention_heads=12,
-            num_key_value_heads=2,
-        ),
+        "text": dict(QWEN2_VL_2B["text"]),  # its language model, Qwen2.5-1.5B, has Qwen2-VL-2B's sizes
         "vision": dict(
             hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
         ),
