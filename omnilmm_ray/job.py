@@ -26,8 +26,9 @@ from omnilmm_ray.config import ConfigError, JobConfig
 from omnilmm_ray.errors import storage_access
 from omnilmm_ray.faults import clear_flight_records, kill_point
 from omnilmm_ray.lease import Lease
+from omnilmm_ray.memory import cluster_memory
 from omnilmm_ray.metrics import DriverMetrics
-from omnilmm_ray.progress import ProgressReporter, cluster_memory, plan_counts
+from omnilmm_ray.progress import ProgressReporter, plan_counts
 from omnilmm_ray.prompts import TypoCheck, templates
 from omnilmm_ray.quality import quality_summary
 from omnilmm_ray.reuse import build_index

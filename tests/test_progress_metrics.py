@@ -268,7 +268,7 @@ def test_grafana_dashboard_queries_only_emitted_metrics():
 
 
 def test_memory_part_of_the_line():
-    from omnilmm_ray.progress import memory_text
+    from omnilmm_ray.memory import memory_text
 
     gb = 10**9
     assert (
@@ -294,7 +294,7 @@ def test_memory_sampling_survives_a_second_ray_cluster_in_the_same_process(tmp_p
     script = tmp_path / "two_clusters.py"
     script.write_text(
         "import ray\n"
-        "from omnilmm_ray.progress import cluster_memory\n"
+        "from omnilmm_ray.memory import cluster_memory\n"
         "for store in (80_000_000, 120_000_000):\n"
         "    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=store)\n"
         "    print(cluster_memory()['store_capacity'], flush=True)\n"
