@@ -83,7 +83,7 @@ FAMILIES: tuple[Family, ...] = (
         "turbomind",
         gpu_run="2026-12-07",
         notes="TurboMind only when its language model's arch is one TurboMind has (InternVL3: Qwen2, "
-        "3.5: Qwen3), else PyTorch; tiles of 448 px",
+        "3.5: Qwen3), else PyTorch; tiles of 448 px; run on GPU: InternVL3-hf",
     ),
     Family(
         "Intern-S2",
