@@ -490,6 +490,30 @@ def report_families(paths: list[str]) -> str:
     )
 
 
+def model_folder(
+    work: Path, family: str = "qwen2_vl", shape: str = "2b", awq: bool = False
+) -> tuple[Path, str]:
+    """(the random-weight model's folder under `work`, built there once, and the backend lmdeploy picks for it):
+    Qwen2-VL at `shape` (SHAPES), optionally with its language model in AWQ int4, or another family at its
+    published small model's shapes (tiny_families.SHAPES)."""
+    from omnilmm_ray.testing import tiny_families
+    from omnilmm_ray.testing.tiny_vlm import QWEN2_VL_2B, build
+
+    if family != "qwen2_vl":
+        folder = work / f"{family}-small-shapes"
+        if not (folder / "config.json").exists():
+            tiny_families.build(family, folder, shapes=tiny_families.SHAPES[family])
+        return folder, tiny_families.BUILDERS[family].backend
+    folder = work / f"Qwen2-VL-{shape.upper()}-shapes{'-AWQ' if awq else ''}"
+    if not (folder / "config.json").exists():
+        build(folder, dtype="float16" if awq else "bfloat16", shapes=SHAPES[shape] or QWEN2_VL_2B)
+        if awq:  # int4 round-to-nearest in AWQ's layout: the speed of a real AWQ model, not its quality
+            from omnilmm_ray.testing.tiny_awq import quantize_folder
+
+            quantize_folder(folder)
+    return folder, "turbomind"
+
+
 def report(paths: list[str]) -> str:
     r: dict = {}
     for p in paths:
@@ -622,25 +646,7 @@ def main() -> None:
     import ray
     import torch
 
-    from omnilmm_ray.testing import tiny_families
-    from omnilmm_ray.testing.tiny_vlm import QWEN2_VL_2B, build
-
-    if args.family == "qwen2_vl":
-        model_dir = work / f"Qwen2-VL-{args.shape.upper()}-shapes{'-AWQ' if args.awq else ''}"
-        shapes = SHAPES[args.shape] or QWEN2_VL_2B
-        if not (model_dir / "config.json").exists():
-            build(model_dir, dtype="float16" if args.awq else "bfloat16", shapes=shapes)
-            if (
-                args.awq
-            ):  # int4 round-to-nearest in AWQ's layout: the speed of a real AWQ model, not its quality
-                from omnilmm_ray.testing.tiny_awq import quantize_folder
-
-                quantize_folder(model_dir)
-    else:
-        model_dir = work / f"{args.family}-small-shapes"
-        args.backend = tiny_families.BUILDERS[args.family].backend
-        if not (model_dir / "config.json").exists():
-            tiny_families.build(args.family, model_dir, shapes=tiny_families.SHAPES[args.family])
+    model_dir, args.backend = model_folder(work, args.family, args.shape, args.awq)
     model = str(model_dir)
     shards = make_shards(work / "shards", args.images)
     parts = {"ceilings": run_ceilings, "jobs": run_jobs, "startup": run_startup, "family": run_family}

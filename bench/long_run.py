@@ -105,15 +105,7 @@ def main() -> None:
         return
     work = Path(args.work)
     shards = gpu_scale.make_shards(work / f"shards-{args.images}", args.images)
-    if args.engine == "fake":
-        model = "fake"
-    else:
-        from omnilmm_ray.testing.tiny_vlm import QWEN2_VL_2B, build
-
-        model_dir = work / "Qwen2-VL-2B-shapes"
-        if not (model_dir / "config.json").exists():
-            build(model_dir, shapes=QWEN2_VL_2B)
-        model = str(model_dir)
+    model = "fake" if args.engine == "fake" else str(gpu_scale.model_folder(work)[0])
     out = work / f"out-long-{time.time_ns()}"
     extra = {"report": {"progress_s": 10}}
     res = gpu_scale.job(model, shards, out, args.tokens, 1, 1, args.batch, extra=extra, backend=args.engine)
