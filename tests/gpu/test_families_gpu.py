@@ -93,11 +93,15 @@ def test_the_cpu_side_processor_gives_the_engines_captions(family):
         halves = engine.caption(PROMPT, images[:8]) + engine.caption(PROMPT, images[8:])
         alone = [
             engine.caption(PROMPT, [x])[0].text == engine.caption(PROMPT, [y])[0].text
-            for x, y in zip(images[:4], prepared[:4])
+            for x, y in zip(images[:8], prepared[:8])
         ]
         print(
             f"{name}: image path in two calls of 8 equal to one call of 16: "
             f"{sum(x.text == y.text for x, y in zip(halves, a))}/{len(a)}; "
-            f"one image per call, image vs patches identical: {sum(alone)}/4"
+            f"one image per call, image vs patches identical: {sum(alone)}/{len(alone)}"
         )
+        # One request per call gives both paths the same batch shapes: where the captions still differ, the
+        # patches are what differs.
+        assert sum(alone) >= len(alone) - 1 if mismatched else all(alone)
+        return
     assert same >= len(a) - 1 if mismatched else same == len(a)
