@@ -216,10 +216,10 @@ def route(config: dict, model: str, backend: str = "auto", lists: Lists = OWN) -
     what = f"{fam.name}, {arch}" if fam else arch or "no architectures in config.json"
 
     def done(chosen: str) -> Route:
-        # A quantised checkpoint keeps lmdeploy's own processor: on 2026-12-07 (1x H100) TurboMind captioned a
-        # tiny AWQ Qwen2.5-VL differently from bit-identical CPU-side patches than from the image (0 of 16
-        # greedy captions equal, tests/gpu/test_families_gpu.py), and until a GPU run explains that, its rows
-        # come from the engine's own path.
+        # A quantised checkpoint keeps lmdeploy's own processor until a GPU run shows its CPU-side patches give
+        # the image's captions. The 0-of-16 mismatch seen on 2026-12-07 (1x H100) was the GPU test handing the
+        # engine float16 patches labelled bfloat16 (the job labels them right, stages.py); the fixed test has
+        # not run on a GPU yet (tests/gpu/test_families_gpu.py).
         processor = fam.processor if fam and chosen in PATCH_BACKENDS and not quant else None
         gpu_run = fam.gpu_run if fam else None
         return Route(model, arch, fam.name if fam else None, chosen, processor, quant, gpu_run, lists.version)

@@ -56,9 +56,7 @@ def test_the_cpu_side_processor_gives_the_engines_captions(family):
     from omnilmm_ray.vision import patches
 
     name, model, engine = family
-    spec = cpu_processor(
-        model, family_only=True
-    )  # AWQ too: the route keeps its engine's path until this passes
+    spec = cpu_processor(model, family_only=True)  # AWQ too: the route keeps the engine's until this passes
     if spec is None:
         pytest.skip(f"{name}: the engine runs this family's image processor")
     assert engine.takes_prepared
@@ -77,7 +75,7 @@ def test_the_cpu_side_processor_gives_the_engines_captions(family):
         assert diff.max() <= 1, "at most one ulp apart (float32 rounding order)"
         mismatched, total = mismatched + int((diff > 0).sum()), total + diff.size
         images.append(im)
-        prepared.append(Prepared(data, im.size, hashlib.sha256(data).digest()))
+        prepared.append(Prepared(data, im.size, hashlib.sha256(data).digest(), spec.dtype))
     print(f"{name}: {spec.dtype} values one ulp apart: {mismatched}/{total}")
     a = engine.caption(PROMPT, images)
     b = engine.caption(PROMPT, prepared)
@@ -88,20 +86,5 @@ def test_the_cpu_side_processor_gives_the_engines_captions(family):
         f"{name}: identical captions, image vs patches: {same}/{len(a)}; image path reproducible: {reproducible}"
     )
     if not reproducible:  # TurboMind's int4 kernels on a random model: the same input varies run to run
-        return
-    if same < len(a) - 1:  # is it the path, or how the requests were batched (the image path, 8 + 8)?
-        halves = engine.caption(PROMPT, images[:8]) + engine.caption(PROMPT, images[8:])
-        alone = [
-            engine.caption(PROMPT, [x])[0].text == engine.caption(PROMPT, [y])[0].text
-            for x, y in zip(images[:8], prepared[:8])
-        ]
-        print(
-            f"{name}: image path in two calls of 8 equal to one call of 16: "
-            f"{sum(x.text == y.text for x, y in zip(halves, a))}/{len(a)}; "
-            f"one image per call, image vs patches identical: {sum(alone)}/{len(alone)}"
-        )
-        # One request per call gives both paths the same batch shapes: where the captions still differ, the
-        # patches are what differs.
-        assert sum(alone) >= len(alone) - 1 if mismatched else all(alone)
         return
     assert same >= len(a) - 1 if mismatched else same == len(a)
