@@ -31,7 +31,7 @@ class Prepared:
     pixels: memoryview | bytes
     size: tuple[int, int]
     fingerprint: bytes
-    dtype: str = "bfloat16"  # of `pixels` (vision.VisionSpec.dtype)
+    dtype: str  # of `pixels` (vision.VisionSpec.dtype); no default: float16 bytes read as bfloat16 are noise
 
 
 class EngineDied(RuntimeError):

@@ -86,7 +86,7 @@ def test_patches_from_the_cpu_workers_match_the_engines_own_processor(turbomind,
         assert diff.max() <= 1, "at most one bfloat16 ulp apart (float32 rounding order)"
         mismatched, total = mismatched + int((diff > 0).sum()), total + diff.size
         images.append(im)
-        prepared.append(Prepared(data, im.size, hashlib.sha256(data).digest()))
+        prepared.append(Prepared(data, im.size, hashlib.sha256(data).digest(), spec.dtype))
     print(f"bfloat16 values one ulp apart: {mismatched}/{total}")
     assert mismatched / total < 1e-3
     a = turbomind.caption(PROMPT, images)
