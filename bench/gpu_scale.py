@@ -424,9 +424,8 @@ def run_sweep(args, model: str, shards: Path) -> dict:
             j = job(model, shards, out, args.tokens, 1, 1, batch, "auto", extra, args.backend)
             res[cell] = {k: j[k] for k in ("steady_images_per_s", "gpu_util_steady", "images", "error_rows")}
             print(cell, json.dumps(res[cell]), file=sys.stderr, flush=True)
-            Path(args.out).write_text(
-                json.dumps({"sweep": res}, indent=1)
-            )  # what is done survives a time-out
+            # what is done survives a time-out
+            Path(args.out).write_text(json.dumps({"sweep": res, "meta": args.meta}, indent=1))
     finally:
         subprocess.run([*ray_cli, "stop", "--force"], env=env)
     return {"sweep": res}
@@ -651,11 +650,7 @@ def main() -> None:
     shards = make_shards(work / "shards", args.images)
     parts = {"ceilings": run_ceilings, "jobs": run_jobs, "startup": run_startup, "family": run_family}
     part = {**parts, "sweep": run_sweep}[args.part]
-    res = part(args, model, shards)
-    if args.part == "family":
-        params = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2e9  # bf16 bytes -> params
-        res[args.family].update(backend=args.backend, shape=f"~{params:.1f} B params")
-    res["meta"] = {
+    args.meta = {  # before the part runs: a sweep cut short by a time-out still names its machine
         "date": time.strftime("%Y-%m-%d"),
         "gpu": torch.cuda.get_device_name(0),
         "gpus": torch.cuda.device_count(),
@@ -675,6 +670,11 @@ def main() -> None:
         "`... --part startup --out S.json`, `... --report C.json J.json S.json`",
         "command": " ".join(["python bench/gpu_scale.py", *sys.argv[1:]]),
     }
+    res = part(args, model, shards)
+    if args.part == "family":
+        params = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2e9  # bf16 bytes -> params
+        res[args.family].update(backend=args.backend, shape=f"~{params:.1f} B params")
+    res["meta"] = args.meta
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
 
