@@ -248,9 +248,18 @@ def _commit_times(out: Path) -> list[tuple[float, int]]:
 
 _STAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})")
 _READY = re.compile(r"engine actor ready in ([\d.]+)s \(backend \w+ resolved after ([\d.]+)s\)")
+_RATE = re.compile(r"(?:pid=(\d+).*?)?engine actor: \d+ batches, \d+ images, ([\d.]+) images/s")
 _FIRST = re.compile(
     r"first batch \((\d+) images\) arrived ([\d.]+)s after the actor was ready, done ([\d.]+)s"
 )
+
+
+def actor_rate(log: str) -> float | None:
+    """The engine actors' own rate: the sum over actors of each one's last `engine actor: ... images/s` line
+    (images since the actor was ready, over that time). Unlike the steady window it needs no many commits: a
+    short run's few tars commit in bursts of `concurrent_batches`, and the window then measures their overlap."""
+    last = {m[1]: float(m[2]) for m in _RATE.finditer(log)}
+    return sum(last.values()) if last else None
 
 
 def timeline(log: str, t0: float) -> dict:
@@ -338,6 +347,8 @@ def job(
         "images": n,
         "end_to_end_images_per_s": n / (t1 - t0),
         "steady_images_per_s": steady,
+        "steady_commits": sum(1 for t, _ in commits if lo[0] < t <= hi[0]),
+        "actor_images_per_s": actor_rate(r.stderr),
         "first_commit_s": commits[0][0] - t0,
         "wall_s": t1 - t0,
         "gpu_util": gpu.mean(),
@@ -451,6 +462,10 @@ def report_sweep(path: str) -> str:
     return "\n".join(lines)
 
 
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
 def report_families(paths: list[str]) -> str:
     """One table over `--part family` results (one file per family, all from one machine)."""
     rows, meta = [], None
@@ -466,7 +481,8 @@ def report_families(paths: list[str]) -> str:
                 f"| {fam} | {res.get('backend', 'turbomind')} | {res.get('shape', '')} | "
                 f"{c['ceiling_images_per_s']:.1f}"
                 + "".join(f" / {x:.1f}" for x in chunked)
-                + f" | {j['steady_images_per_s']:.1f} | **{ratio:.2f}x** | "
+                + f" | {j['steady_images_per_s']:.1f} ({j.get('steady_commits', '?')} commits) | **{ratio:.2f}x** | "
+                f"{_fmt(j.get('actor_images_per_s'))} | "
                 f"{j['end_to_end_images_per_s']:.1f} | {c['ceiling_gpu_util']} / {j.get('gpu_util_steady', j['gpu_util'])} | "
                 f"{j['images']} ({j['error_rows']} errors) |"
             )
@@ -481,9 +497,9 @@ def report_families(paths: list[str]) -> str:
             f"Command per family: `{meta['command']}`; table: `python bench/gpu_scale.py --report-families F*.json`",
             "",
             "| family | backend | shapes | lmdeploy alone (images/s: one call / in chunks) | job steady (images/s) | "
-            "job / lmdeploy's best | "
+            "job / lmdeploy's best | job's engine actors, own rate (images/s) | "
             "job end to end (images/s) | GPU kernel-active % (alone's call / job's steady window) | images |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             *rows,
         ]
     )
