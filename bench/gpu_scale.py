@@ -338,7 +338,8 @@ def job(
     commits = _commit_times(out)
     n = sum(c for _, c in commits)
     lo, hi = commits[len(commits) // 10], commits[len(commits) * 9 // 10]
-    steady = sum(c for t, c in commits if lo[0] < t <= hi[0]) / (hi[0] - lo[0])
+    window = [c for t, c in commits if lo[0] < t <= hi[0]]  # rows of the commits in the steady window
+    steady = sum(window) / (hi[0] - lo[0])
     actor_lines = [ln.split("engine actor: ", 1)[1] for ln in r.stderr.splitlines() if "engine actor: " in ln]
     started = [
         ln.split("engine actor ready", 1)[1] for ln in r.stderr.splitlines() if "engine actor ready" in ln
@@ -347,7 +348,7 @@ def job(
         "images": n,
         "end_to_end_images_per_s": n / (t1 - t0),
         "steady_images_per_s": steady,
-        "steady_commits": sum(1 for t, _ in commits if lo[0] < t <= hi[0]),
+        "steady_commits": len(window),
         "actor_images_per_s": actor_rate(r.stderr),
         "first_commit_s": commits[0][0] - t0,
         "wall_s": t1 - t0,
