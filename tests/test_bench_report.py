@@ -41,3 +41,14 @@ def test_the_family_table_shows_the_steady_windows_commits_and_the_actors_rate(t
     )
     row = gpu_scale.report_families([str(f)]).splitlines()[-1]
     assert "| 182.1 (2 commits) | **2.58x** | 56.4 |" in row
+
+
+def test_the_sweep_table_shows_each_cells_commits_and_the_actors_rate(tmp_path):
+    meta = dict(gpu="G", shape="Qwen2-VL-7B", tokens=128, images=2048, command="c")
+    cell = dict(steady_images_per_s=40.0, steady_commits=6, actor_images_per_s=41.5, gpu_util_steady=[97.0])
+    slow = {**cell, "steady_images_per_s": 20.0, "actor_images_per_s": None}
+    f = tmp_path / "S.json"
+    f.write_text(json.dumps({"sweep": {"256x2": cell, "32x1": slow}, "meta": meta}))
+    table = gpu_scale.report_sweep(str(f)).splitlines()
+    assert table[-2] == "| 256 | 2 | 40.0 (6) | 1.00 | 41.5 | [97.0] |"
+    assert table[-1] == "| 32 | 1 | 20.0 (6) | 0.50 | - | [97.0] |"

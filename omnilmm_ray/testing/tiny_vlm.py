@@ -203,13 +203,14 @@ def rename_qwen2_vl(k: str) -> str:
 
 
 def build(out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16", shapes: dict | None = None) -> Path:
-    """Write the model folder; `shapes` (e.g. QWEN2_VL_2B) overrides the tiny text/vision sizes."""
+    """Write the model folder; `shapes` (e.g. QWEN2_VL_2B) overrides the tiny text/vision sizes, the image
+    processor's max_pixels and, with `text.vocab_size`, the vocabulary (the tokenizer then covers every id)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = tokenizer()
     shapes = shapes or {}
+    tok = tokenizer(vocab=shapes.get("text", {}).get("vocab_size", VOCAB))
     text = {
         **TEXT,
         **shapes.get("text", {}),
@@ -234,7 +235,7 @@ def build(out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16", shapes: d
     write_generation_config(out, tok, eos=["<|im_end|>", "<|endoftext|>"], pad="<|endoftext|>")
     proc = dict(
         min_pixels=MIN_PIXELS,
-        max_pixels=MAX_PIXELS,
+        max_pixels=shapes.get("max_pixels", MAX_PIXELS),
         patch_size=14,
         temporal_patch_size=2,
         merge_size=2,
