@@ -79,13 +79,26 @@ def _shard(args) -> str:
 
 
 def make_shards(root: Path, n: int) -> Path:
+    """A folder of exactly the first `n` images' tars: `root` itself, or, where `root` holds more (built for a
+    longer run), a folder of links to its first tars, so every run reads the images it names."""
     root.mkdir(parents=True, exist_ok=True)
-    if len(list(root.glob("*.tar"))) * PER_SHARD >= n:
+    have = len(list(root.glob("*.tar")))
+    if have * PER_SHARD < n:
+        jobs = [
+            (root / f"{s // PER_SHARD:05d}.tar", s, min(n, s + PER_SHARD)) for s in range(0, n, PER_SHARD)
+        ]
+        with ProcessPoolExecutor() as pool:
+            list(pool.map(_shard, jobs))
+        have = len(jobs)
+    need = -(-n // PER_SHARD)
+    if have == need:
         return root
-    jobs = [(root / f"{s // PER_SHARD:05d}.tar", s, min(n, s + PER_SHARD)) for s in range(0, n, PER_SHARD)]
-    with ProcessPoolExecutor() as pool:
-        list(pool.map(_shard, jobs))
-    return root
+    view = root.parent / f"{root.name}-{n}"
+    view.mkdir(exist_ok=True)
+    for t in sorted(root.glob("*.tar"))[:need]:
+        if not (view / t.name).exists():
+            (view / t.name).symlink_to(t)
+    return view
 
 
 def iter_images(shards: Path):
@@ -216,7 +229,7 @@ def ceiling(
 
 
 def run_ceilings(args, model: str, shards: Path) -> dict:
-    cmd = [sys.executable, __file__, "--side", "ceiling", "--model", model, "--work", args.work]
+    cmd = [sys.executable, __file__, "--side", "ceiling", "--model", model, "--shards", str(shards)]
     cmd += ["--tokens", str(args.tokens)]
 
     def start(gpu: int, seed_loop: int = 0):
@@ -404,7 +417,7 @@ def run_startup(args, model: str, shards: Path) -> dict:
 
 def run_family(args, model: str, shards: Path) -> dict:
     """One family at its small model's shapes: lmdeploy alone (one process, one call) then the job, one GPU."""
-    cmd = [sys.executable, __file__, "--side", "ceiling", "--model", model, "--work", args.work]
+    cmd = [sys.executable, __file__, "--side", "ceiling", "--model", model, "--shards", str(shards)]
     cmd += ["--tokens", str(args.tokens), "--seed-loop", "0", "--backend", args.backend]
     cmd += ["--ceiling-chunk", str(args.ceiling_chunk)]
     r = subprocess.run(
@@ -418,6 +431,16 @@ def run_family(args, model: str, shards: Path) -> dict:
         model, shards, out, args.tokens, 1, 1, args.batch, extra=extra, backend=args.backend
     )
     return {args.family: res}
+
+
+SWEEP_KEYS = (
+    "steady_images_per_s",
+    "steady_commits",
+    "actor_images_per_s",
+    "gpu_util_steady",
+    "images",
+    "error_rows",
+)
 
 
 def run_sweep(args, model: str, shards: Path) -> dict:
@@ -435,8 +458,7 @@ def run_sweep(args, model: str, shards: Path) -> dict:
             out = Path(args.work) / f"out-sweep-{cell}-{time.time_ns()}"
             extra = {"scale": {"batch_size": batch, "concurrent_batches": calls}}
             j = job(model, shards, out, args.tokens, 1, 1, batch, "auto", extra, args.backend)
-            keep = ("steady_images_per_s", "steady_commits", "actor_images_per_s", "gpu_util_steady", "images")
-            res[cell] = {k: j[k] for k in (*keep, "error_rows", "wall_s")}
+            res[cell] = {k: j[k] for k in SWEEP_KEYS}
             print(cell, json.dumps(res[cell]), file=sys.stderr, flush=True)
             # what is done survives a time-out
             Path(args.out).write_text(json.dumps({"sweep": res, "meta": args.meta}, indent=1))
@@ -641,6 +663,7 @@ def main() -> None:
     ap.add_argument("--report-sweep")
     ap.add_argument("--side", choices=["ceiling"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--shards", help=argparse.SUPPRESS)
     ap.add_argument("--backend", default="turbomind", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.report:
@@ -654,12 +677,8 @@ def main() -> None:
         return
     work = Path(args.work)
     if args.side == "ceiling":
-        shards = str(work / "shards")
-        print(
-            json.dumps(
-                ceiling(args.model, shards, args.tokens, args.seed_loop, args.backend, args.ceiling_chunk)
-            )
-        )
+        c = ceiling(args.model, args.shards, args.tokens, args.seed_loop, args.backend, args.ceiling_chunk)
+        print(json.dumps(c))
         return
     import lmdeploy
     import ray

@@ -2,11 +2,13 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("gpu_scale", ROOT / "bench" / "gpu_scale.py")
 gpu_scale = importlib.util.module_from_spec(spec)
+sys.modules["gpu_scale"] = gpu_scale  # make_shards's worker processes find its functions by this name
 spec.loader.exec_module(gpu_scale)
 
 LOG = """\
@@ -52,3 +54,15 @@ def test_the_sweep_table_shows_each_cells_commits_and_the_actors_rate(tmp_path):
     table = gpu_scale.report_sweep(str(f)).splitlines()
     assert table[-2] == "| 256 | 2 | 40.0 (6) | 1.00 | 41.5 | [97.0] |"
     assert table[-1] == "| 32 | 1 | 20.0 (6) | 0.50 | - | [97.0] |"
+
+
+def test_shards_for_fewer_images_than_built_are_a_view_of_the_first_tars(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_scale, "PER_SHARD", 4)
+    root = tmp_path / "shards"
+    assert gpu_scale.make_shards(root, 12) == root
+    assert len(list(root.glob("*.tar"))) == 3
+    view = gpu_scale.make_shards(root, 8)
+    assert view != root
+    assert sorted(p.name for p in view.glob("*.tar")) == ["00000.tar", "00001.tar"]
+    assert sum(1 for _ in gpu_scale.iter_images(view)) == 8
+    assert gpu_scale.make_shards(root, 12) == root  # built once: nothing is drawn again
