@@ -25,3 +25,11 @@ def test_lmdeploy_reads_back_the_quantised_weight():
     err = np.abs(back - w.astype(np.float32).T)
     assert (err <= step * 0.51 + 1e-3 * np.abs(w.T)).all(), "round to nearest: within half a step"
     assert err.mean() < 0.3 * step.mean()
+
+
+def test_every_tensor_is_laid_out_in_c_order():
+    # safetensors.numpy writes an array's memory as it lies: a Fortran-ordered `scales` (what min/max over the
+    # transposed groups give) was saved transposed within each row, and dequantised with the wrong steps
+    t = quantize(np.random.default_rng(1).normal(0, 0.05, (512, 256)).astype(np.float16))
+    assert all(a.flags.c_contiguous for a in t.values()), {k: a.flags.c_contiguous for k, a in t.items()}
+    assert np.array_equal(np.frombuffer(t["scales"].tobytes(), np.float16).reshape(t["scales"].shape), t["scales"])

@@ -13,7 +13,9 @@ and the LM head stay float16, as in the published Qwen2.5-VL AWQ checkpoints (`m
 from __future__ import annotations
 
 import json
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +51,9 @@ def quantize(w: np.ndarray, group: int = GROUP) -> dict[str, np.ndarray]:
     scales = np.maximum(hi - lo, 1e-8) / 15
     zeros = np.clip(np.round(-lo / scales), 0, 15)
     q = np.clip(np.round(wt / scales[:, None]) + zeros[:, None], 0, 15).reshape(k, n)
-    return {"qweight": pack(q), "qzeros": pack(zeros), "scales": scales.astype(np.float16)}
+    # C order: min/max over the transposed view leave `scales` in Fortran order, and safetensors.numpy writes an
+    # array's memory as it lies, so those scales were saved transposed within each row of groups
+    return {"qweight": pack(q), "qzeros": pack(zeros), "scales": np.ascontiguousarray(scales, np.float16)}
 
 
 def dequantize(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -71,13 +75,13 @@ def quantize_folder(folder: str | Path) -> Path:
 
     folder = Path(folder)
     state = load_file(str(folder / "model.safetensors"))
-    out = {}
-    for key, w in state.items():
-        if LINEAR.match(key):
-            for suffix, t in quantize(w).items():
+    linear = [k for k in state if LINEAR.match(k)]
+    out = {k: w for k, w in state.items() if k not in linear}
+    # numpy lets go of the GIL in its array loops: threads quantise a 7B model's ~200 linears on every core
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        for key, packed in zip(linear, pool.map(quantize, (state[k] for k in linear))):
+            for suffix, t in packed.items():
                 out[key[: -len("weight")] + suffix] = t
-        else:
-            out[key] = w
     save_file(out, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"] = QUANT_CONFIG
