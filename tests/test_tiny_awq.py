@@ -32,4 +32,6 @@ def test_every_tensor_is_laid_out_in_c_order():
     # transposed groups give) was saved transposed within each row, and dequantised with the wrong steps
     t = quantize(np.random.default_rng(1).normal(0, 0.05, (512, 256)).astype(np.float16))
     assert all(a.flags.c_contiguous for a in t.values()), {k: a.flags.c_contiguous for k, a in t.items()}
-    assert np.array_equal(np.frombuffer(t["scales"].tobytes(), np.float16).reshape(t["scales"].shape), t["scales"])
+    assert np.array_equal(
+        np.frombuffer(t["scales"].tobytes(), np.float16).reshape(t["scales"].shape), t["scales"]
+    )
