@@ -32,17 +32,19 @@ def test_the_family_table_shows_the_steady_windows_commits_and_the_actors_rate(t
     )
     job.update(gpu_util=[4.9], gpu_util_steady=[18.2], images=1024, error_rows=0)
     ceiling = dict(ceiling_images_per_s=70.7, ceiling_gpu_util=[30.2])
-    f = tmp_path / "F.json"
-    f.write_text(
-        json.dumps(
-            {
-                "qwen3_vl": {"ceiling": ceiling, "job_1gpu": job},
-                "meta": {**meta, "batch": 256, "command": "c"},
-            }
-        )
-    )
-    row = gpu_scale.report_families([str(f)]).splitlines()[-1]
-    assert "| 182.1 (2 commits) | **2.58x** | 56.4 |" in row
+
+    def row() -> str:
+        f = tmp_path / "F.json"
+        result = {
+            "qwen3_vl": {"ceiling": ceiling, "job_1gpu": job},
+            "meta": {**meta, "batch": 256, "command": "c"},
+        }
+        f.write_text(json.dumps(result))
+        return gpu_scale.report_families([str(f)]).splitlines()[-1]
+
+    assert "| 70.7 | - | 182.1 (2 commits) | 2.58x | 56.4 |" in row()
+    job["life_images_per_s"] = 60.1
+    assert "| 70.7 | 60.1 (**0.85x**) | 182.1 (2 commits) | 2.58x | 56.4 |" in row()
 
 
 def test_the_sweep_table_shows_each_cells_commits_and_the_actors_rate(tmp_path):
@@ -51,9 +53,25 @@ def test_the_sweep_table_shows_each_cells_commits_and_the_actors_rate(tmp_path):
     slow = {**cell, "steady_images_per_s": 20.0, "actor_images_per_s": None}
     f = tmp_path / "S.json"
     f.write_text(json.dumps({"sweep": {"256x2": cell, "32x1": slow}, "meta": meta}))
+    table = gpu_scale.report_sweep(str(f)).splitlines()  # no first-batch-to-last-commit rate: the steady one
+    assert table[-2] == "| 256 | 2 | - | 1.00 | 40.0 (6) | 41.5 | [97.0] |"
+    assert table[-1] == "| 32 | 1 | - | 0.50 | 20.0 (6) | - | [97.0] |"
+    cell["life_images_per_s"], slow["life_images_per_s"] = 30.0, 33.0  # this rate, where a cell has it, ranks
+    f.write_text(json.dumps({"sweep": {"256x2": cell, "32x1": slow}, "meta": meta}))
     table = gpu_scale.report_sweep(str(f)).splitlines()
-    assert table[-2] == "| 256 | 2 | 40.0 (6) | 1.00 | 41.5 | [97.0] |"
-    assert table[-1] == "| 32 | 1 | 20.0 (6) | 0.50 | - | [97.0] |"
+    assert table[-2] == "| 256 | 2 | 30.0 | 0.91 | 40.0 (6) | 41.5 | [97.0] |"
+    assert table[-1] == "| 32 | 1 | 33.0 | 1.00 | 20.0 (6) | - | [97.0] |"
+
+
+def test_the_life_rate_runs_from_the_first_batch_in_to_the_last_commit():
+    log = """2026-12-07 16:36:44,700 INFO omnilmm_ray.stages: engine actor ready in 60.0s (backend turbomind resolved after 13.2s)
+2026-12-07 16:36:51,283 INFO omnilmm_ray.stages: engine actor: first batch (256 images) arrived 0.3s after the actor was ready, done 6.4s later
+2026-12-07 16:36:52,233 INFO omnilmm_ray.commit: committed shard /s/00001.tar (256 rows)
+2026-12-07 16:37:05,000 INFO omnilmm_ray.commit: committed shard /s/00000.tar (256 rows)
+2026-12-07 16:37:06,000 INFO omnilmm_ray.job: sealed
+"""
+    assert abs(gpu_scale.engine_life_rate(log, 512) - 512 / 20.0) < 1e-6  # 16:36:45.0 to 16:37:05.0
+    assert gpu_scale.engine_life_rate(log.split("\n", 2)[2], 512) is None  # no actor start: no rate
 
 
 def test_shards_for_fewer_images_than_built_are_a_view_of_the_first_tars(tmp_path, monkeypatch):
