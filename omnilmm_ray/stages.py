@@ -65,10 +65,14 @@ class StageTimer:
     """Where an engine actor's time goes, per thread of calls: waiting for a batch, converting it, in the
     engine, building the output. Logged every `every_s` so the next bottleneck shows without a profiler."""
 
-    def __init__(self, every_s: float = 15.0):
+    def __init__(self, batch_size: int, every_s: float = 15.0):
         self.every_s = every_s
         self.totals: dict[str, float] = {"wait": 0.0, "convert": 0.0, "engine": 0.0, "return": 0.0}
         self.images = self.batches = 0
+        # Engine calls of less than half a batch: Ray Data cuts a batch at the end of each bundle of blocks, so
+        # shards whose blocks do not add up to whole batches give the engine short calls, each holding one of
+        # its `concurrent_batches` slots for a whole caption's decoding.
+        self.batch_size, self.short = batch_size, 0
         self.t0 = self.last_log = time.perf_counter()
         self.first_in: float | None = None  # when the first batch reached a call thread (start-up timeline)
         self._local = threading.local()
@@ -85,9 +89,12 @@ class StageTimer:
 
     def stop(self, images: int) -> None:
         self.start("wait")
+        if not images:  # end markers or captions served without the engine: no engine call
+            return
         with self._lock:
             self.images += images
             self.batches += 1
+            self.short += images < self.batch_size / 2
             now = self._local.phase[1]
             if self.batches == 1:
                 log.info(
@@ -101,10 +108,12 @@ class StageTimer:
             self.last_log = now
             wall = now - self.t0
             log.info(
-                "engine actor: %d batches, %d images, %.1f images/s; seconds per call thread: %s",
+                "engine actor: %d batches, %d images, %.1f images/s; %d under half of scale.batch_size; "
+                "seconds per call thread: %s",
                 self.batches,
                 self.images,
                 self.images / wall,
+                self.short,
                 ", ".join(f"{k} {v:.1f}" for k, v in self.totals.items()),
             )
 
@@ -211,7 +220,7 @@ class CaptionStage:
         # must be that image's alone, or an innocent image retried beside the culprit is counted too.
         self._calls = threading.Condition()
         self._active, self._alone = 0, False
-        self.timer = StageTimer()
+        self.timer = StageTimer(cfg.scale.batch_size)
         self.metrics = EngineMetrics(cfg.report.metrics)
         # Captions this actor made in this run by (sha256, rendered prompt): a duplicate image later in the
         # night is served from here instead of the engine (bounded; earlier runs' captions: reuse.py).
