@@ -137,9 +137,13 @@ def engine_placement(cfg: JobConfig) -> dict:
             min_size=cfg.scale.min_actors,
             max_size=cfg.scale.max_actors,
             initial_size=initial_actors(cfg),
-            max_tasks_in_flight_per_actor=max(cfg.scale.max_batches_in_flight, cfg.scale.concurrent_batches),
-            max_concurrent_calls_per_actor=cfg.scale.concurrent_batches,
-            enable_true_multi_threading=cfg.scale.concurrent_batches > 1,
+            # Twice the calls the image budget holds in full batches: short batches (the end of a bundle of
+            # blocks) run beside full ones while stages.EngineSlots keeps the engine's images within budget.
+            max_tasks_in_flight_per_actor=max(
+                cfg.scale.max_batches_in_flight, 2 * cfg.scale.concurrent_batches
+            ),
+            max_concurrent_calls_per_actor=2 * cfg.scale.concurrent_batches,
+            enable_true_multi_threading=True,
         ),
         # An actor whose engine died exits; Ray Data's actor pools default to max_restarts=-1 and
         # max_task_retries=-1, so the actor is replaced and its batches are retried.

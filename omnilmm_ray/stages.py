@@ -13,6 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pyarrow as pa
@@ -61,6 +62,39 @@ def preprocess_stage(
     return preprocess_batch(batch, cfg, vision if takes_patches else None)
 
 
+class EngineSlots:
+    """Which calls may be in the engine at once. Calls are admitted while the images in the engine stay within
+    `budget` (scale.batch_size x scale.concurrent_batches), not by count: Ray Data cuts a batch at the end of
+    each bundle of blocks, and a short call admitted as a whole slot would leave the engine that much emptier
+    for a whole caption's decoding. A call is always admitted into an empty engine. An `alone` call (an
+    image-by-image retry) waits for the engine to empty and keeps every other call out while it runs, so an
+    engine death during it is that image's alone."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self._cv = threading.Condition()
+        self._active = self._images = 0
+        self._alone = False
+
+    @contextmanager
+    def call(self, images: int, alone: bool = False) -> Iterator[None]:
+        def admitted() -> bool:
+            if self._alone:
+                return False
+            return self._active == 0 or (not alone and self._images + images <= self.budget)
+
+        with self._cv:
+            self._cv.wait_for(admitted)
+            self._alone, self._active, self._images = alone, self._active + 1, self._images + images
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._active, self._images = self._active - 1, self._images - images
+                self._alone = False if alone else self._alone
+                self._cv.notify_all()
+
+
 class StageTimer:
     """Where an engine actor's time goes, per thread of calls: waiting for a batch, converting it, in the
     engine, building the output. Logged every `every_s` so the next bottleneck shows without a profiler."""
@@ -70,8 +104,8 @@ class StageTimer:
         self.totals: dict[str, float] = {"wait": 0.0, "convert": 0.0, "engine": 0.0, "return": 0.0}
         self.images = self.batches = 0
         # Engine calls of less than half a batch: Ray Data cuts a batch at the end of each bundle of blocks, so
-        # shards whose blocks do not add up to whole batches give the engine short calls, each holding one of
-        # its `concurrent_batches` slots for a whole caption's decoding.
+        # shards whose blocks do not add up to whole batches give the engine short calls (EngineSlots admits
+        # them beside full ones).
         self.batch_size, self.short = batch_size, 0
         self.t0 = self.last_log = time.perf_counter()
         self.first_in: float | None = None  # when the first batch reached a call thread (start-up timeline)
@@ -216,10 +250,9 @@ class CaptionStage:
         if gate_key and not route.proven:
             gate.open_gate(gate_key, backend)
         self.flight = FlightRecorder()
-        # Image-by-image retries run alone in the actor (scale.concurrent_batches > 1): a death during one
-        # must be that image's alone, or an innocent image retried beside the culprit is counted too.
-        self._calls = threading.Condition()
-        self._active, self._alone = 0, False
+        # Image-by-image retries run alone in the actor: a death during one must be that image's alone, or an
+        # innocent image retried beside the culprit is counted too.
+        self.slots = EngineSlots(cfg.scale.batch_size * cfg.scale.concurrent_batches)
         self.timer = StageTimer(cfg.scale.batch_size)
         self.metrics = EngineMetrics(cfg.report.metrics)
         # Captions this actor made in this run by (sha256, rendered prompt): a duplicate image later in the
@@ -293,16 +326,8 @@ class CaptionStage:
         return out
 
     def _caption(self, todo: list[tuple[dict, Image.Image, dict]], alone: bool = False) -> None:
-        with self._calls:
-            self._calls.wait_for(lambda: not self._alone and (self._active == 0 or not alone))
-            self._alone, self._active = alone, self._active + 1
-        try:
+        with self.slots.call(len(todo), alone):
             self._call_engine(todo)
-        finally:
-            with self._calls:
-                self._active -= 1
-                self._alone = False if alone else self._alone
-                self._calls.notify_all()
 
     def _engine(self, requests: list[Request], images: list, gen=None) -> list[Caption]:
         started = time.perf_counter()

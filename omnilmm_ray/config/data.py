@@ -168,9 +168,10 @@ class ScaleConfig(_Strict):
     concurrent_batches: int = Field(
         2,
         ge=1,
-        description="Engine calls running at once in one actor (threads), so TurboMind's continuous batching "
-        "starts the next batch while the previous one drains instead of running dry between batches. The "
-        "PyTorch engine serialises calls anyway.",
+        description="Batches' worth of images in one actor's engine at once (batch_size x this), in calls on "
+        "threads, so TurboMind's continuous batching starts the next batch while the previous one drains instead "
+        "of running dry between batches. Short batches (Ray Data cuts one at the end of each bundle of blocks) "
+        "run beside full ones within that budget. The PyTorch engine serialises calls anyway.",
     )
     actor_cpus: float = Field(
         2,
