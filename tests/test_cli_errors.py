@@ -168,7 +168,8 @@ def test_interrupt_releases_the_lease_and_says_how_to_resume(ray_local, samples,
         yaml.safe_dump(
             {
                 "engine": {"backend": "fake", "fake_delay_s": 1.0},
-                "scale": {"batch_size": 2},
+                # one batch's images in the engine: the job is still captioning when the signal comes
+                "scale": {"batch_size": 2, "concurrent_batches": 1},
                 "sink": {"commit_rows": 2},
             }
         )

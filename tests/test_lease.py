@@ -190,7 +190,8 @@ def test_a_paused_job_that_lost_its_lease_stops_without_writing(ray_local, tmp_p
             yaml.safe_dump(
                 {
                     "engine": {"backend": "fake", "fake_delay_s": fake_delay_s},
-                    "scale": {"batch_size": 2},
+                    # one batch's images in the engine: calls of 1 image (blocks of ~3 rows) would run 4 at once
+                    "scale": {"batch_size": 2, "concurrent_batches": 1},
                     # not 0.5: equal resources fuse it into the engine actor
                     "preprocess": {"num_cpus": 0.75},
                     "sink": {"commit_rows": 2, "lock_ttl_s": 4},
