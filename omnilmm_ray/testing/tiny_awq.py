@@ -76,7 +76,7 @@ def quantize_folder(folder: str | Path) -> Path:
     folder = Path(folder)
     state = load_file(str(folder / "model.safetensors"))
     linear = [k for k in state if LINEAR.match(k)]
-    out = {k: w for k, w in state.items() if k not in linear}
+    out = {k: w for k, w in state.items() if not LINEAR.match(k)}
     # numpy lets go of the GIL in its array loops: threads quantise a 7B model's ~200 linears on every core
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         for key, packed in zip(linear, pool.map(quantize, (state[k] for k in linear))):
