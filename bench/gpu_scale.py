@@ -78,19 +78,20 @@ def _shard(args) -> str:
     return str(write_tar(Path(path), samples))
 
 
-def make_shards(root: Path, n: int) -> Path:
-    """A folder of exactly the first `n` images' tars: `root` itself, or, where `root` holds more (built for a
-    longer run), a folder of links to its first tars, so every run reads the images it names."""
+def make_shards(root: Path, n: int, per_shard: int = PER_SHARD) -> Path:
+    """A folder of exactly the first `n` images' tars (`per_shard` images each): `root` itself, or, where `root`
+    holds more (built for a longer run), a folder of links to its first tars, so every run reads the images it
+    names."""
     root.mkdir(parents=True, exist_ok=True)
     have = len(list(root.glob("*.tar")))
-    if have * PER_SHARD < n:
+    if have * per_shard < n:
         jobs = [
-            (root / f"{s // PER_SHARD:05d}.tar", s, min(n, s + PER_SHARD)) for s in range(0, n, PER_SHARD)
+            (root / f"{s // per_shard:05d}.tar", s, min(n, s + per_shard)) for s in range(0, n, per_shard)
         ]
         with ProcessPoolExecutor() as pool:
             list(pool.map(_shard, jobs))
         have = len(jobs)
-    need = -(-n // PER_SHARD)
+    need = -(-n // per_shard)
     if have == need:
         return root
     view = root.parent / f"{root.name}-{n}"

@@ -22,8 +22,7 @@ import gpu_scale  # noqa: E402
 
 
 def run(work: Path, images: int, per_shard: int, batch: int, delay: float, calls_in_flight: int) -> dict:
-    gpu_scale.PER_SHARD = per_shard
-    shards = gpu_scale.make_shards(work / f"shards-of-{per_shard}", images)
+    shards = gpu_scale.make_shards(work / f"shards-of-{per_shard}", images, per_shard)
     out = work / f"out-{per_shard}-{time.time_ns()}"
     calls_log = work / f"calls-{per_shard}-{time.time_ns()}.txt"
     extra = {

@@ -74,13 +74,12 @@ def test_the_life_rate_runs_from_the_first_batch_in_to_the_last_commit():
     assert gpu_scale.engine_life_rate(log.split("\n", 2)[2], 512) is None  # no actor start: no rate
 
 
-def test_shards_for_fewer_images_than_built_are_a_view_of_the_first_tars(tmp_path, monkeypatch):
-    monkeypatch.setattr(gpu_scale, "PER_SHARD", 4)
+def test_shards_for_fewer_images_than_built_are_a_view_of_the_first_tars(tmp_path):
     root = tmp_path / "shards"
-    assert gpu_scale.make_shards(root, 12) == root
+    assert gpu_scale.make_shards(root, 12, per_shard=4) == root
     assert len(list(root.glob("*.tar"))) == 3
-    view = gpu_scale.make_shards(root, 8)
+    view = gpu_scale.make_shards(root, 8, per_shard=4)
     assert view != root
     assert sorted(p.name for p in view.glob("*.tar")) == ["00000.tar", "00001.tar"]
     assert sum(1 for _ in gpu_scale.iter_images(view)) == 8
-    assert gpu_scale.make_shards(root, 12) == root  # built once: nothing is drawn again
+    assert gpu_scale.make_shards(root, 12, per_shard=4) == root  # built once: nothing is drawn again
