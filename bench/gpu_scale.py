@@ -476,9 +476,12 @@ def run_sweep(args, model: str, shards: Path) -> dict:
     res: dict = {}
     try:
         for cell in args.cells.split(","):
-            batch, calls = (int(x) for x in cell.split("x"))
-            out = Path(args.work) / f"out-sweep-{cell}-{time.time_ns()}"
-            extra = {"scale": {"batch_size": batch, "concurrent_batches": calls}}
+            size, *overrides = cell.split(":")  # 256x2:pace_calls=true -> scale.pace_calls true
+            batch, calls = (int(x) for x in size.split("x"))
+            out = Path(args.work) / f"out-sweep-{size}-{time.time_ns()}"
+            scale = dict(kv.split("=") for kv in overrides)
+            scale = {k: json.loads(v) for k, v in scale.items()} | {"batch_size": batch, "concurrent_batches": calls}
+            extra = {"scale": scale}
             j = job(model, shards, out, args.tokens, 1, 1, batch, "auto", extra, args.backend)
             res[cell] = {k: j[k] for k in SWEEP_KEYS}
             print(cell, json.dumps(res[cell]), file=sys.stderr, flush=True)
@@ -507,9 +510,10 @@ def report_sweep(path: str) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for cell, c in cells.items():
-        b, k = cell.split("x")
+        size, *overrides = cell.split(":")
+        b, k = size.split("x")
         lines.append(
-            f"| {b} | {k} | {_fmt(c.get('life_images_per_s'))} | {_rate(c) / best:.2f} | "
+            f"| {b} | {k}{''.join(' ' + o for o in overrides)} | {_fmt(c.get('life_images_per_s'))} | {_rate(c) / best:.2f} | "
             f"{c['steady_images_per_s']:.1f} ({c.get('steady_commits', '?')}) | "
             f"{_fmt(c.get('actor_images_per_s'))} | {c['gpu_util_steady']} |"
         )
@@ -691,7 +695,12 @@ def main() -> None:
         "--ceiling-chunk", type=int, default=512, help="--part family: lmdeploy alone in chunks too"
     )
     ap.add_argument("--awq", action="store_true", help="qwen2_vl: the language model's linears in AWQ int4")
-    ap.add_argument("--cells", default="32x1,32x2,32x4,64x2,128x2,256x1,256x2,256x4", help="--part sweep")
+    ap.add_argument(
+        "--cells",
+        default="32x1,32x2,32x4,64x2,128x2,256x1,256x2,256x4",
+        help="--part sweep: batch_size x concurrent_batches, each optionally with scale overrides, e.g. "
+        "256x2:pace_calls=true",
+    )
     ap.add_argument("--report-sweep")
     ap.add_argument("--side", choices=["ceiling"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)

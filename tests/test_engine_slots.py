@@ -65,3 +65,41 @@ def test_an_alone_call_waits_for_an_empty_engine_and_keeps_others_out():
     time.sleep(0.05)
     with slots.call(512):  # everything has left: the whole budget is free again
         pass
+
+
+def _learn_call_time(slots: EngineSlots, seconds: float) -> None:
+    with slots.call(256):
+        time.sleep(seconds)
+
+
+def test_paced_calls_start_apart_by_their_share_of_a_call():
+    slots = EngineSlots(budget=512, pace=True)
+    _learn_call_time(slots, 0.8)  # a call lately took 0.8 s: a 256-image call opens the next one 0.4 s later
+    (a, ra) = _start(slots, 256)
+    assert a.wait(2)
+    t0 = time.monotonic()
+    b, rb = _start(slots, 256)
+    assert not b.wait(0.2)  # room in the budget, but the last call started < 0.4 s ago
+    assert b.wait(2)
+    assert time.monotonic() - t0 >= 0.3
+    ra.set()
+    rb.set()
+
+
+def test_pacing_never_holds_a_call_out_of_an_empty_engine():
+    slots = EngineSlots(budget=512, pace=True)
+    _learn_call_time(slots, 0.8)
+    with slots.call(256):  # starts now: the next call beside it would wait 0.4 s
+        pass
+    e, r = _start(slots, 256)
+    assert e.wait(0.2)  # the engine is empty again: no reason to wait
+    r.set()
+
+
+def test_unpaced_calls_start_together():
+    slots = EngineSlots(budget=512)
+    _learn_call_time(slots, 0.8)
+    (a, ra), (b, rb) = _start(slots, 256), _start(slots, 256)
+    assert a.wait(2) and b.wait(0.2)
+    ra.set()
+    rb.set()
