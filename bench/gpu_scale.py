@@ -479,9 +479,8 @@ def run_sweep(args, model: str, shards: Path) -> dict:
             size, *overrides = cell.split(":")  # 256x2:pace_calls=true -> scale.pace_calls true
             batch, calls = (int(x) for x in size.split("x"))
             out = Path(args.work) / f"out-sweep-{size}-{time.time_ns()}"
-            scale = dict(kv.split("=") for kv in overrides)
-            scale = {k: json.loads(v) for k, v in scale.items()} | {"batch_size": batch, "concurrent_batches": calls}
-            extra = {"scale": scale}
+            scale = {k: json.loads(v) for k, v in (kv.split("=") for kv in overrides)}
+            extra = {"scale": {**scale, "batch_size": batch, "concurrent_batches": calls}}
             j = job(model, shards, out, args.tokens, 1, 1, batch, "auto", extra, args.backend)
             res[cell] = {k: j[k] for k in SWEEP_KEYS}
             print(cell, json.dumps(res[cell]), file=sys.stderr, flush=True)
