@@ -68,47 +68,28 @@ class EngineSlots:
     each bundle of blocks, and a short call admitted as a whole slot would leave the engine that much emptier
     for a whole caption's decoding. A call is always admitted into an empty engine. An `alone` call (an
     image-by-image retry) waits for the engine to empty and keeps every other call out while it runs, so an
-    engine death during it is that image's alone.
+    engine death during it is that image's alone."""
 
-    With `pace`, a call of n images entering beside others waits until n/budget of a call's recent duration has
-    passed since the last call started: calls that started together (the first ones, or ones whose captions all
-    have the same length) otherwise finish in the same decoding step, and the engine idles while the next ones
-    are set up. Paced, one call is still decoding while the next is prepared."""
-
-    def __init__(self, budget: int, pace: bool = False):
-        self.budget, self.pace = budget, pace
+    def __init__(self, budget: int):
+        self.budget = budget
         self._cv = threading.Condition()
         self._active = self._images = 0
         self._alone = False
-        self._call_s: float | None = None  # a call's time in the engine lately (moving average)
-        self._next_start = 0.0  # time.monotonic() before which a call enters only an empty engine
-
-    def _wait_s(self, images: int, alone: bool) -> float | None:
-        """0: enter now; > 0: seconds until pacing lets the call in; None: until another call leaves."""
-        if self._alone:
-            return None
-        if self._active == 0:
-            return 0.0
-        if alone or self._images + images > self.budget:
-            return None
-        return max(0.0, self._next_start - time.monotonic()) if self.pace else 0.0
 
     @contextmanager
     def call(self, images: int, alone: bool = False) -> Iterator[None]:
+        def admitted() -> bool:
+            if self._alone:
+                return False
+            return self._active == 0 or (not alone and self._images + images <= self.budget)
+
         with self._cv:
-            while (wait := self._wait_s(images, alone)) != 0:
-                self._cv.wait(wait)
-            started = time.monotonic()
-            if self._call_s is not None:
-                self._next_start = started + self._call_s * min(images, self.budget) / self.budget
+            self._cv.wait_for(admitted)
             self._alone, self._active, self._images = alone, self._active + 1, self._images + images
         try:
             yield
         finally:
             with self._cv:
-                if not alone:  # an image retried alone says nothing about a call's time
-                    took = time.monotonic() - started
-                    self._call_s = took if self._call_s is None else 0.8 * self._call_s + 0.2 * took
                 self._active, self._images = self._active - 1, self._images - images
                 self._alone = False if alone else self._alone
                 self._cv.notify_all()
@@ -271,7 +252,7 @@ class CaptionStage:
         self.flight = FlightRecorder()
         # Image-by-image retries run alone in the actor: a death during one must be that image's alone, or an
         # innocent image retried beside the culprit is counted too.
-        self.slots = EngineSlots(cfg.scale.batch_size * cfg.scale.concurrent_batches, cfg.scale.pace_calls)
+        self.slots = EngineSlots(cfg.scale.batch_size * cfg.scale.concurrent_batches)
         self.timer = StageTimer(cfg.scale.batch_size)
         self.metrics = EngineMetrics(cfg.report.metrics)
         # Captions this actor made in this run by (sha256, rendered prompt): a duplicate image later in the

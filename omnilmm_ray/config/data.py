@@ -173,13 +173,6 @@ class ScaleConfig(_Strict):
         "of running dry between batches. Short batches (Ray Data cuts one at the end of each bundle of blocks) "
         "run beside full ones within that budget. The PyTorch engine serialises calls anyway.",
     )
-    pace_calls: bool = Field(
-        False,
-        description="Space the starts of an actor's engine calls: a call of n images waits until n / (batch_size "
-        "x concurrent_batches) of a call's recent duration has passed since the last one started, so the calls in "
-        "flight do not all finish in the same decoding step (captions of one fixed length) and leave the GPU idle "
-        "while the next ones are set up. Off: a call starts as soon as the budget has room.",
-    )
     actor_cpus: float = Field(
         2,
         gt=0,
