@@ -47,11 +47,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from omnilmm_ray.testing.tiny_vlm import QWEN2_VL_2B  # noqa: E402
+
 PROMPT = "Describe this image in one detailed sentence."
 # Random weights with published shapes (config.json of Qwen/Qwen2-VL-2B-Instruct and -7B-Instruct). The 7B keeps
 # its whole vocabulary: its lm_head is ~7 % of each decoded token's weights, so a tiny one would flatter decoding.
 SHAPES = {
-    "2b": None,  # tiny_vlm.QWEN2_VL_2B
+    "2b": QWEN2_VL_2B,
+    # the same model with its image processor capped at 224x224 (64 image tokens): the CPU-bound regime of the
+    # first benchmarks, and the fastest real-shaped model for a long run
+    "2b-224": {**QWEN2_VL_2B, "max_pixels": 224 * 224},
     "7b": {
         "text": dict(
             hidden_size=3584,
@@ -446,6 +451,9 @@ def run_family(args, model: str, shards: Path) -> dict:
     )
     assert r.returncode == 0, r.returncode
     res = {"ceiling": json.loads(r.stdout.strip().splitlines()[-1])}
+    print("ceiling", json.dumps(res["ceiling"]), file=sys.stderr, flush=True)
+    # what is measured survives a failed or timed-out job
+    Path(args.out).write_text(json.dumps({args.family: res, "meta": args.meta}, indent=1))
     out = Path(args.work) / f"out-{args.family}-{time.time_ns()}"
     extra = json.loads(args.job_config) if args.job_config else None
     res["job_1gpu"] = job(
@@ -465,6 +473,15 @@ SWEEP_KEYS = (
 )
 
 
+def sweep_cell(cell: str) -> dict:
+    """A sweep cell as the job's `scale` settings: "256x2" is batch_size 256, concurrent_batches 2; further
+    settings follow as ":name=JSON value", e.g. "256x2:max_batches_in_flight=8"."""
+    size, *overrides = cell.split(":")
+    batch, calls = (int(x) for x in size.split("x"))
+    scale = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in overrides)}
+    return {**scale, "batch_size": batch, "concurrent_batches": calls}
+
+
 def run_sweep(args, model: str, shards: Path) -> dict:
     """Batch size x engine calls in flight (`--cells 32x1,256x2,...`): the job's steady rate per cell, on one warm
     local Ray (started once, as on a cluster), one GPU."""
@@ -476,11 +493,10 @@ def run_sweep(args, model: str, shards: Path) -> dict:
     res: dict = {}
     try:
         for cell in args.cells.split(","):
-            size, *overrides = cell.split(":")  # 256x2:pace_calls=true -> scale.pace_calls true
-            batch, calls = (int(x) for x in size.split("x"))
-            out = Path(args.work) / f"out-sweep-{size}-{time.time_ns()}"
-            scale = {k: json.loads(v) for k, v in (kv.split("=") for kv in overrides)}
-            extra = {"scale": {**scale, "batch_size": batch, "concurrent_batches": calls}}
+            scale = sweep_cell(cell)
+            batch = scale["batch_size"]
+            out = Path(args.work) / f"out-sweep-{batch}x{scale['concurrent_batches']}-{time.time_ns()}"
+            extra = {"scale": scale}
             j = job(model, shards, out, args.tokens, 1, 1, batch, "auto", extra, args.backend)
             res[cell] = {k: j[k] for k in SWEEP_KEYS}
             print(cell, json.dumps(res[cell]), file=sys.stderr, flush=True)
@@ -509,10 +525,10 @@ def report_sweep(path: str) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for cell, c in cells.items():
-        size, *overrides = cell.split(":")
-        b, k = size.split("x")
+        scale = sweep_cell(cell)
+        b, k = scale.pop("batch_size"), scale.pop("concurrent_batches")
         lines.append(
-            f"| {b} | {k}{''.join(' ' + o for o in overrides)} | {_fmt(c.get('life_images_per_s'))} | {_rate(c) / best:.2f} | "
+            f"| {b} | {k}{''.join(f' {n}={v}' for n, v in scale.items())} | {_fmt(c.get('life_images_per_s'))} | {_rate(c) / best:.2f} | "
             f"{c['steady_images_per_s']:.1f} ({c.get('steady_commits', '?')}) | "
             f"{_fmt(c.get('actor_images_per_s'))} | {c['gpu_util_steady']} |"
         )
@@ -573,7 +589,7 @@ def model_folder(
     Qwen2-VL at `shape` (SHAPES), optionally with its language model in AWQ int4, or another family at its
     published small model's shapes (tiny_families.SHAPES)."""
     from omnilmm_ray.testing import tiny_families
-    from omnilmm_ray.testing.tiny_vlm import QWEN2_VL_2B, build
+    from omnilmm_ray.testing.tiny_vlm import build
 
     if family != "qwen2_vl":
         folder = work / f"{family}-small-shapes"
@@ -582,7 +598,7 @@ def model_folder(
         return folder, tiny_families.BUILDERS[family].backend
     folder = work / f"Qwen2-VL-{shape.upper()}-shapes{'-AWQ' if awq else ''}"
     if not (folder / "config.json").exists():
-        build(folder, dtype="float16" if awq else "bfloat16", shapes=SHAPES[shape] or QWEN2_VL_2B)
+        build(folder, dtype="float16" if awq else "bfloat16", shapes=SHAPES[shape])
         if awq:  # int4 round-to-nearest in AWQ's layout: the speed of a real AWQ model, not its quality
             from omnilmm_ray.testing.tiny_awq import quantize_folder
 
@@ -696,9 +712,9 @@ def main() -> None:
     ap.add_argument("--awq", action="store_true", help="qwen2_vl: the language model's linears in AWQ int4")
     ap.add_argument(
         "--cells",
-        default="32x1,32x2,32x4,64x2,128x2,256x1,256x2,256x4",
+        default=",".join(f"{b}x{k}" for b in (32, 64, 128, 256) for k in (1, 2, 4)),
         help="--part sweep: batch_size x concurrent_batches, each optionally with scale overrides, e.g. "
-        "256x2:pace_calls=true",
+        "256x2:max_batches_in_flight=8",
     )
     ap.add_argument("--report-sweep")
     ap.add_argument("--side", choices=["ceiling"], help=argparse.SUPPRESS)

@@ -9,6 +9,7 @@ progress line every 10 s, then reads back
   largest / last.
 
     python bench/long_run.py --images 200000 --out L.json               # Qwen2-VL-2B shapes, TurboMind
+    python bench/long_run.py --images 200000 --shape 2b-224 --out L.json # the same, images capped at 224 px
     python bench/long_run.py --images 20000 --engine fake --out L.json   # the CPU side alone (no GPU)
     python bench/long_run.py --report L.json
 
@@ -95,6 +96,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=200_000)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument(
+        "--shape", choices=sorted(gpu_scale.SHAPES), default="2b", help="the model's published shapes"
+    )
     ap.add_argument("--engine", choices=["turbomind", "fake"], default="turbomind")
     ap.add_argument("--work", default="/tmp/omnilmm-bench")
     ap.add_argument("--out")
@@ -105,7 +109,7 @@ def main() -> None:
         return
     work = Path(args.work)
     shards = gpu_scale.make_shards(work / f"shards-{args.images}", args.images)
-    model = "fake" if args.engine == "fake" else str(gpu_scale.model_folder(work)[0])
+    model = "fake" if args.engine == "fake" else str(gpu_scale.model_folder(work, shape=args.shape)[0])
     out = work / f"out-long-{time.time_ns()}"
     extra = {"report": {"progress_s": 10}}
     res = gpu_scale.job(model, shards, out, args.tokens, 1, 1, args.batch, extra=extra, backend=args.engine)
@@ -118,6 +122,7 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d"),
             "images": args.images,
             "engine": args.engine,
+            "shape": args.shape,
             "machine": gpu_scale.machine(),
             "command": " ".join(["python bench/long_run.py", *sys.argv[1:]]),
         },

@@ -83,3 +83,20 @@ def test_shards_for_fewer_images_than_built_are_a_view_of_the_first_tars(tmp_pat
     assert sorted(p.name for p in view.glob("*.tar")) == ["00000.tar", "00001.tar"]
     assert sum(1 for _ in gpu_scale.iter_images(view)) == 8
     assert gpu_scale.make_shards(root, 12, per_shard=4) == root  # built once: nothing is drawn again
+
+
+def test_a_sweep_cell_names_its_batch_its_calls_in_flight_and_further_scale_settings(tmp_path):
+    assert gpu_scale.sweep_cell("256x2") == {"batch_size": 256, "concurrent_batches": 2}
+    assert gpu_scale.sweep_cell("64x4:max_batches_in_flight=8:shards_in_flight=null") == {
+        "max_batches_in_flight": 8,
+        "shards_in_flight": None,
+        "batch_size": 64,
+        "concurrent_batches": 4,
+    }
+    meta = dict(gpu="G", shape="Qwen2-VL-7B", tokens=128, images=2048, command="c")
+    cell = dict(steady_images_per_s=40.0, steady_commits=6, actor_images_per_s=41.5, gpu_util_steady=[97.0])
+    f = tmp_path / "S.json"
+    f.write_text(json.dumps({"sweep": {"256x2:max_batches_in_flight=8": cell}, "meta": meta}))
+    assert (
+        gpu_scale.report_sweep(str(f)).splitlines()[-1].startswith("| 256 | 2 max_batches_in_flight=8 | - |")
+    )
