@@ -3,8 +3,9 @@
 Builds `--shards` WebDataset tars of `--per-shard` tiny JPEGs (so the fake engine and decoding are fast and the
 run is long in images, not in time), runs the job on them with the fake engine on its own local Ray, samples the
 driver's RSS every 2 s beside the number of shards committed, and reports the growth per image between 10 % and
-90 % of the shards (start-up and sealing excluded). With `ARROW_DEFAULT_MEMORY_POOL=system` in the environment the
-same run shows whether pyarrow's allocator is what keeps the memory.
+90 % of the shards (start-up and sealing excluded), and the engine actor's private memory at 10, 50 and 90 %.
+With `ARROW_DEFAULT_MEMORY_POOL=system` in the environment the same run shows whether pyarrow's allocator is what
+keeps the memory.
 
     python bench/driver_rss.py --shards 600 > bench/results/driver-rss-DATE.md
 """
@@ -26,15 +27,26 @@ sys.path.insert(0, str(ROOT))
 from omnilmm_ray.samples import draw, encode, write_tar  # noqa: E402
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
     for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return 0.0
 
 
-def run(shards: Path, out: Path, env: dict) -> list[tuple[float, float, int]]:
-    """(seconds, driver RSS MB, shard files committed) every 2 s of one fake-engine job."""
+def actor_anon_mb() -> float | None:
+    """The engine actor's private memory (RssAnon: its resident memory less the object store's shared pages it
+    has touched, which are the store's, not the actor's), or None before it runs."""
+    pids = subprocess.run(["pgrep", "-f", "CaptionStage"], capture_output=True, text=True).stdout.split()
+    try:
+        return max(rss_mb(int(p), "RssAnon") for p in pids) if pids else None
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def run(shards: Path, out: Path, env: dict) -> list[tuple[float, float, int, float | None]]:
+    """(seconds, driver RSS MB, shard files committed, engine actor's RssAnon MB) every 2 s of one fake-engine
+    job."""
     cmd = [sys.executable, str(ROOT / "jobs" / "caption.py"), "--engine", "fake", "--input", str(shards)]
     p = subprocess.Popen(
         [*cmd, "--output", str(out)],
@@ -46,7 +58,8 @@ def run(shards: Path, out: Path, env: dict) -> list[tuple[float, float, int]]:
     samples, t0 = [], time.time()
     while p.poll() is None:
         try:
-            samples.append((time.time() - t0, rss_mb(p.pid), len(list(out.glob("run=*/*.parquet")))))
+            done = len(list(out.glob("run=*/*.parquet")))
+            samples.append((time.time() - t0, rss_mb(p.pid), done, actor_anon_mb()))
         except (FileNotFoundError, ProcessLookupError):
             break
         time.sleep(2)
@@ -54,8 +67,9 @@ def run(shards: Path, out: Path, env: dict) -> list[tuple[float, float, int]]:
     return samples
 
 
-def slope(samples: list[tuple[float, float, int]], shards: int, per_shard: int) -> dict:
+def slope(samples: list[tuple[float, float, int, float | None]], shards: int, per_shard: int) -> dict:
     lo = next(s for s in samples if s[2] >= shards // 10)
+    mid = next(s for s in samples if s[2] >= shards // 2)
     hi = next(s for s in samples if s[2] >= shards * 9 // 10)
     images = (hi[2] - lo[2]) * per_shard
     return {
@@ -63,6 +77,9 @@ def slope(samples: list[tuple[float, float, int]], shards: int, per_shard: int) 
         "to": {"s": round(hi[0], 1), "rss_mb": round(hi[1]), "shards": hi[2]},
         "kb_per_image": round((hi[1] - lo[1]) * 1024 / images, 3),
         "peak_mb": round(max(s[1] for s in samples)),
+        # the engine actor's private memory at 10 %, 50 % and 90 % of the shards: its recent-captions cache
+        # (stages.RECENT_CAPTIONS) fills first, then it should stay level
+        "actor_anon_mb": [None if s[3] is None else round(s[3]) for s in (lo, mid, hi)],
     }
 
 
@@ -94,6 +111,9 @@ def main() -> None:
         print(
             f"| {name} | {r['from']['rss_mb']} MB | {r['to']['rss_mb']} MB | {r['kb_per_image']} KB | {r['peak_mb']} MB |"
         )
+    print("\nThe engine actor's private memory (RssAnon, MB) at 10 % / 50 % / 90 % of the shards:\n")
+    for name, r in res.items():
+        print(f"- {name}: {' / '.join(str(x) for x in r['actor_anon_mb'])}")
     print(f"\nRaw: `{json.dumps(res)}`")
 
 
