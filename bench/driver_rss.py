@@ -2,8 +2,10 @@
 
 Builds `--shards` WebDataset tars of `--per-shard` tiny JPEGs (so the fake engine and decoding are fast and the
 run is long in images, not in time), runs the job on them with the fake engine on its own local Ray, samples the
-driver's RSS every 2 s beside the number of shards committed, and reports the growth per image between 10 % and
+driver's memory every 2 s beside the number of shards committed, and reports the growth per image between 10 % and
 90 % of the shards (start-up and sealing excluded), and the engine actor's private memory at 10, 50 and 90 %.
+The driver's resident memory (VmRSS) is split into its private part (RssAnon) and the object store's shared pages
+it has touched reading results (RssShmem), which are the store's memory, not the driver's.
 With `ARROW_DEFAULT_MEMORY_POOL=system` in the environment the same run shows whether pyarrow's allocator is what
 keeps the memory.
 
@@ -44,9 +46,12 @@ def actor_anon_mb() -> float | None:
         return None
 
 
-def run(shards: Path, out: Path, env: dict) -> list[tuple[float, float, int, float | None]]:
-    """(seconds, driver RSS MB, shard files committed, engine actor's RssAnon MB) every 2 s of one fake-engine
-    job."""
+DRIVER = ("VmRSS", "RssAnon", "RssShmem")
+
+
+def run(shards: Path, out: Path, env: dict) -> list[tuple[float, dict, int, float | None]]:
+    """(seconds, the driver's DRIVER fields in MB, shard files committed, engine actor's RssAnon MB) every 2 s of
+    one fake-engine job."""
     cmd = [sys.executable, str(ROOT / "jobs" / "caption.py"), "--engine", "fake", "--input", str(shards)]
     p = subprocess.Popen(
         [*cmd, "--output", str(out)],
@@ -59,7 +64,8 @@ def run(shards: Path, out: Path, env: dict) -> list[tuple[float, float, int, flo
     while p.poll() is None:
         try:
             done = len(list(out.glob("run=*/*.parquet")))
-            samples.append((time.time() - t0, rss_mb(p.pid), done, actor_anon_mb()))
+            driver = {f: rss_mb(p.pid, f) for f in DRIVER}
+            samples.append((time.time() - t0, driver, done, actor_anon_mb()))
         except (FileNotFoundError, ProcessLookupError):
             break
         time.sleep(2)
@@ -67,16 +73,16 @@ def run(shards: Path, out: Path, env: dict) -> list[tuple[float, float, int, flo
     return samples
 
 
-def slope(samples: list[tuple[float, float, int, float | None]], shards: int, per_shard: int) -> dict:
+def slope(samples: list[tuple[float, dict, int, float | None]], shards: int, per_shard: int) -> dict:
     lo = next(s for s in samples if s[2] >= shards // 10)
     mid = next(s for s in samples if s[2] >= shards // 2)
     hi = next(s for s in samples if s[2] >= shards * 9 // 10)
     images = (hi[2] - lo[2]) * per_shard
     return {
-        "from": {"s": round(lo[0], 1), "rss_mb": round(lo[1]), "shards": lo[2]},
-        "to": {"s": round(hi[0], 1), "rss_mb": round(hi[1]), "shards": hi[2]},
-        "kb_per_image": round((hi[1] - lo[1]) * 1024 / images, 3),
-        "peak_mb": round(max(s[1] for s in samples)),
+        "from": {"s": round(lo[0], 1), "shards": lo[2], **{f: round(lo[1][f]) for f in DRIVER}},
+        "to": {"s": round(hi[0], 1), "shards": hi[2], **{f: round(hi[1][f]) for f in DRIVER}},
+        "kb_per_image": {f: round((hi[1][f] - lo[1][f]) * 1024 / images, 3) for f in DRIVER},
+        "peak_mb": {f: round(max(s[1][f] for s in samples)) for f in DRIVER},
         # the engine actor's private memory at 10 %, 50 % and 90 % of the shards: its recent-captions cache
         # (stages.RECENT_CAPTIONS) fills first, then it should stay level
         "actor_anon_mb": [None if s[3] is None else round(s[3]) for s in (lo, mid, hi)],
@@ -99,18 +105,19 @@ def main() -> None:
     res = {}
     for name, env in (("default", {}), ("system_allocator", {"ARROW_DEFAULT_MEMORY_POOL": "system"})):
         res[name] = slope(run(shards, a.work / f"out-{time.time_ns()}", env), a.shards, a.per_shard)
-    print("# Driver RSS while a job runs\n")
+    print("# Driver memory while a job runs\n")
     print(
         f"Machine: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}. Command: "
         f"`python bench/driver_rss.py --shards {a.shards} --per-shard {a.per_shard}` ({a.shards * a.per_shard:,} "
         "64x48 JPEGs, fake engine, local Ray). Growth between 10 % and 90 % of the shards committed.\n"
     )
-    print("| allocator | driver RSS at 10 % | at 90 % | growth per image | peak |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| allocator | driver memory | at 10 % (MB) | at 90 % (MB) | growth per image (KB) | peak (MB) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, r in res.items():
-        print(
-            f"| {name} | {r['from']['rss_mb']} MB | {r['to']['rss_mb']} MB | {r['kb_per_image']} KB | {r['peak_mb']} MB |"
-        )
+        for f, what in zip(DRIVER, ("resident (VmRSS)", "private (RssAnon)", "object store pages (RssShmem)")):
+            print(
+                f"| {name} | {what} | {r['from'][f]} | {r['to'][f]} | {r['kb_per_image'][f]} | {r['peak_mb'][f]} |"
+            )
     print("\nThe engine actor's private memory (RssAnon, MB) at 10 % / 50 % / 90 % of the shards:\n")
     for name, r in res.items():
         print(f"- {name}: {' / '.join(str(x) for x in r['actor_anon_mb'])}")

@@ -31,6 +31,7 @@ import gpu_scale  # noqa: E402
 
 _PROGRESS = re.compile(
     r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+ .*progress: ([\d,]+)/\S+ images.*?, memory: driver ([\d.]+) (KB|MB|GB)"
+    r"(?: \((?P<private>[\d.]+) (?P<unit>KB|MB|GB) private\))?"
     r"(?:, object store ([\d.]+)/([\d.]+) GB, spilled ([\d.]+) (B|KB|MB|GB))?"
 )
 _UNIT = {"B": 1e-6, "KB": 1e-3, "MB": 1.0, "GB": 1e3}
@@ -54,8 +55,10 @@ def memory_series(log: str) -> list[dict]:
     for m in _PROGRESS.finditer(log):
         t = time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S"))
         row = {"t": t, "images": int(m[2].replace(",", "")), "driver_mb": float(m[3]) * _UNIT[m[4]]}
-        if m[5]:
-            row.update(store_gb=float(m[5]), store_cap_gb=float(m[6]), spilled_mb=float(m[7]) * _UNIT[m[8]])
+        if m["private"]:
+            row.update(driver_private_mb=float(m["private"]) * _UNIT[m["unit"]])
+        if m[7]:
+            row.update(store_gb=float(m[7]), store_cap_gb=float(m[8]), spilled_mb=float(m[9]) * _UNIT[m[10]])
         out.append(row)
     return out
 
@@ -79,6 +82,7 @@ def report(path: str) -> str:
     ]
     for key, what in (
         ("driver_mb", "driver RSS (MB)"),
+        ("driver_private_mb", "driver private memory (MB)"),
         ("store_gb", "object store used (GB)"),
         ("spilled_mb", "spilled (MB)"),
     ):

@@ -1,14 +1,18 @@
-"""The memory part of the progress line: the driver's resident memory and the object store of the Ray cluster
-the driver is connected to (used / capacity, bytes spilled to disk so far), what `ray memory --stats-only`
-shows, read the same way, so a long run's growth is in its log:
+"""The memory part of the progress line: the driver's resident memory and its private part, and the object store
+of the Ray cluster the driver is connected to (used / capacity, bytes spilled to disk so far), what
+`ray memory --stats-only` shows, read the same way, so a long run's growth is in its log:
 
-    memory: driver 612 MB, object store 1.2/18.0 GB, spilled 0 B
+    memory: driver 612 MB (431 MB private), object store 1.2/18.0 GB, spilled 0 B
+
+The driver's resident memory also counts the object store's shared pages it has read results from: they are the
+store's memory (counted once per node, at most the store's size) and their number creeps up over a long run as
+the store hands out fresh parts of its arena. The private part is what the driver itself holds
+(bench/results/driver-rss-2026-12-07b.md).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 log = logging.getLogger(__name__)
 
@@ -21,20 +25,26 @@ def _bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def driver_rss() -> int | None:
-    """This process's resident memory (Linux; None elsewhere): one number, not worth a psutil dependency."""
+def driver_memory() -> dict[str, int | None]:
+    """This process's resident memory and its private (anonymous) part, in bytes (Linux's /proc/self/status
+    VmRSS and RssAnon; None elsewhere): two numbers, not worth a psutil dependency."""
+    out: dict[str, int | None] = {"driver_rss": None, "driver_private": None}
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "RssAnon"):
+                    out["driver_rss" if key == "VmRSS" else "driver_private"] = int(value.split()[0]) * 1024
     except (OSError, ValueError):
-        return None
+        pass
+    return out
 
 
 def cluster_memory() -> dict[str, int | None]:
-    """The driver's RSS and the object store of the Ray cluster this process is connected to, as
+    """The driver's memory (driver_memory) and the object store of the Ray cluster this process is connected to, as
     `ray memory --stats-only` reads them (ray._private.internal_api: no public API gives the store's use or
     spill; on any failure those keys are left out and the line shows the driver alone)."""
-    out: dict[str, int | None] = {"driver_rss": driver_rss()}
+    out = driver_memory()
     try:
         import ray
         from ray._private import internal_api, state
@@ -56,7 +66,10 @@ def cluster_memory() -> dict[str, int | None]:
 
 
 def memory_text(m: dict[str, int | None]) -> str:
-    parts = [f"driver {_bytes(m['driver_rss'])}"] if m.get("driver_rss") is not None else []
+    parts = []
+    if m.get("driver_rss") is not None:
+        private = m.get("driver_private")
+        parts.append(f"driver {_bytes(m['driver_rss'])}" + (f" ({_bytes(private)} private)" if private else ""))
     if m.get("store_capacity"):
         gb = m["store_used"] / 1e9, m["store_capacity"] / 1e9
         parts.append(f"object store {gb[0]:.1f}/{gb[1]:.1f} GB, spilled {_bytes(m['spilled'])}")

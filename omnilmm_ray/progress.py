@@ -1,6 +1,6 @@
 """The driver's progress line, when the pipeline starts and then every `report.progress_s` seconds:
 
-    progress: 1,204/~20,480 images (6%), shards 3/80 committed, 412.5 images/s (last 60s), ETA ~47m, errors: decode_error 2, flagged: 31 (too_short 20, refusal 11), memory: driver 612 MB, object store 1.2/18.0 GB, spilled 0 B
+    progress: 1,204/~20,480 images (6%), shards 3/80 committed, 412.5 images/s (last 60s), ETA ~47m, errors: decode_error 2, flagged: 31 (too_short 20, refusal 11), memory: driver 612 MB (431 MB private), object store 1.2/18.0 GB, spilled 0 B
 
 Images are this attempt's work (a resumed run does not count what earlier attempts committed); shards are
 the run's. Planned counts come from the plan where that is cheap (loose files: the file count; Parquet: the
@@ -11,7 +11,7 @@ nothing to estimate from yet (only tars, none read) the count is `?`.
 The rate, and the ETA from it, count only since the first rows came back and over the last RATE_WINDOW_S at
 most: an average since the start would include the engine's start-up and overstate the time left.
 
-`memory` is the driver's resident memory and the cluster's object store (memory.py).
+`memory` is the driver's resident memory, its private part, and the cluster's object store (memory.py).
 """
 
 from __future__ import annotations

@@ -100,3 +100,26 @@ def test_a_sweep_cell_names_its_batch_its_calls_in_flight_and_further_scale_sett
     assert (
         gpu_scale.report_sweep(str(f)).splitlines()[-1].startswith("| 256 | 2 max_batches_in_flight=8 | - |")
     )
+
+
+def test_the_long_runs_memory_series_reads_the_progress_lines_memory_part():
+    from omnilmm_ray.memory import memory_text
+
+    spec = importlib.util.spec_from_file_location("long_run", ROOT / "bench" / "long_run.py")
+    long_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(long_run)
+    head = "2026-12-07 10:00:{:02d},1 omnilmm_ray.job: progress: {:,}/~20,480 images (6%), shards 3/80 committed, memory: "
+    mb, gb = 10**6, 10**9
+    store = {"store_used": 1.2 * gb, "store_capacity": 18 * gb, "spilled": 2 * mb}
+    lines = [
+        head.format(0, 1204) + memory_text({"driver_rss": 612 * mb, "driver_private": 431 * mb, **store}),
+        head.format(10, 2204) + memory_text({"driver_rss": 1.5 * gb, **store}),  # a log from before "private"
+        head.format(20, 3204) + memory_text({"driver_rss": 700 * mb, "driver_private": 450 * mb}),
+    ]
+    rows = long_run.memory_series("\n".join(lines))
+    assert [(r["images"], r["driver_mb"], r.get("driver_private_mb")) for r in rows] == [
+        (1204, 612, 431),
+        (2204, 1500, None),
+        (3204, 700, 450),
+    ]
+    assert rows[0]["store_gb"] == 1.2 and rows[0]["spilled_mb"] == 2 and "store_gb" not in rows[2]

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -205,10 +206,12 @@ def test_fake_run_logs_progress_and_exports_metrics(ray_local, tmp_path, caplog,
     # the driver's memory and the object store of the Ray it ran on, as `ray memory --stats-only` reads them
     store = ray.cluster_resources()["object_store_memory"] / 1e9
     mem = re.search(
-        r", memory: driver (\d+) MB, object store ([\d.]+)/([\d.]+) GB, spilled \d+ [KMG]?B$", lines[-1]
+        r", memory: driver (\d+) MB \((\d+) MB private\), object store ([\d.]+)/([\d.]+) GB, spilled \d+ [KMG]?B$",
+        lines[-1],
     )
     assert mem, lines[-1]
-    assert 50 < int(mem[1]) < 8000 and float(mem[2]) <= float(mem[3]) and abs(float(mem[3]) - store) < 0.1
+    assert 50 < int(mem[2]) < int(mem[1]) < 8000, lines[-1]  # the private part is part of the resident memory
+    assert float(mem[3]) <= float(mem[4]) and abs(float(mem[4]) - store) < 0.1
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("omnilmm_ray")]
     done = capsys.readouterr().out.strip().splitlines()[-1]
     assert done.startswith("done: ") and f"summary: {run}/_summary.json" in done
@@ -271,17 +274,30 @@ def test_memory_part_of_the_line():
     from omnilmm_ray.memory import memory_text
 
     gb = 10**9
+    store = {"store_used": 1.2 * gb, "store_capacity": 18 * gb, "spilled": 0}
     assert (
-        memory_text(
-            {"driver_rss": 612 * 10**6, "store_used": 1.2 * gb, "store_capacity": 18 * gb, "spilled": 0}
-        )
-        == "driver 612 MB, object store 1.2/18.0 GB, spilled 0 B"
+        memory_text({"driver_rss": 612 * 10**6, "driver_private": 431 * 10**6, **store})
+        == "driver 612 MB (431 MB private), object store 1.2/18.0 GB, spilled 0 B"
     )
+    assert memory_text({"driver_rss": 612 * 10**6, **store}) == "driver 612 MB, object store 1.2/18.0 GB, spilled 0 B"
     assert memory_text({"driver_rss": 2 * gb, "store_used": 0, "store_capacity": gb, "spilled": 3 * gb}) == (
         "driver 2.0 GB, object store 0.0/1.0 GB, spilled 3.0 GB"
     )
     assert memory_text({"driver_rss": 5 * 10**5}) == "driver 500 KB"  # the store could not be read
     assert memory_text({"driver_rss": None}) == "?"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
+def test_driver_memory_counts_what_the_driver_allocates_as_private():
+    from omnilmm_ray.memory import driver_memory
+
+    before = driver_memory()
+    held = b"\x01" * (200 * 2**20)  # every page written, so resident (a zeroed one might not be)
+    after = driver_memory()
+    assert before["driver_private"] < before["driver_rss"]  # the interpreter's mapped files are not private
+    assert 190 * 2**20 < after["driver_private"] - before["driver_private"] < 260 * 2**20
+    assert 190 * 2**20 < after["driver_rss"] - before["driver_rss"] < 260 * 2**20
+    del held
 
 
 @pytest.mark.integration
