@@ -10,6 +10,8 @@ import gzip
 import json
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -204,6 +206,39 @@ def test_config_paths_the_commands_name_are_provided():
     service = (CLUSTER / "omnilmm-nightly.service").read_text()
     assert (ROOT / re.search(r"ExecStart=/bin/sh (\S+)", service).group(1)).is_file()
     assert "ray-cluster.yaml" in (CLUSTER / "nightly-submit.sh").read_text()
+
+
+def _unit(path: Path) -> dict[str, dict[str, str]]:
+    """A systemd unit file's sections and settings (one value per key, as these units are written)."""
+    sections: dict[str, dict[str, str]] = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("[") and line.endswith("]"):
+            section = sections.setdefault(line[1:-1], {})
+        elif "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            section[key.strip()] = value.strip()
+    return sections
+
+
+def test_the_vm_scheduler_retries_failed_runs_like_the_cronjob():
+    """Both nightly schedulers retry a failed run twice (each retry resumes it) and never retry the exit codes that
+    would only fail again: the CronJob's podFailurePolicy FailJob codes, less 124 (its RayJob's own deadline, which
+    VMs do not have)."""
+    unit = _unit(CLUSTER / "omnilmm-nightly.service")
+    (cron,) = [d for d in _docs("cronjob.yaml") if d["kind"] == "CronJob"]
+    job = cron["spec"]["jobTemplate"]["spec"]
+    (fail,) = [r for r in job["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
+    assert unit["Service"]["Restart"] == "on-failure"
+    assert {int(c) for c in unit["Service"]["RestartPreventExitStatus"].split()} == set(
+        fail["onExitCodes"]["values"]
+    ) - {124}
+    assert int(unit["Unit"]["StartLimitBurst"]) == 1 + job["backoffLimit"]
+    # systemd checks the settings it would refuse (Restart=always on a oneshot service, say), where it is installed
+    if shutil.which("systemd-analyze"):
+        r = subprocess.run(
+            ["systemd-analyze", "verify", str(CLUSTER / "omnilmm-nightly.service")], capture_output=True, text=True
+        )
+        assert r.returncode == 0, r.stderr
 
 
 def test_launcher_config_validates_against_rays_schema():
