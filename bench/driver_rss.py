@@ -114,7 +114,9 @@ def main() -> None:
     print("| allocator | driver memory | at 10 % (MB) | at 90 % (MB) | growth per image (KB) | peak (MB) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, r in res.items():
-        for f, what in zip(DRIVER, ("resident (VmRSS)", "private (RssAnon)", "object store pages (RssShmem)")):
+        for f, what in zip(
+            DRIVER, ("resident (VmRSS)", "private (RssAnon)", "object store pages (RssShmem)")
+        ):
             print(
                 f"| {name} | {what} | {r['from'][f]} | {r['to'][f]} | {r['kb_per_image'][f]} | {r['peak_mb'][f]} |"
             )

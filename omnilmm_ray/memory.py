@@ -69,7 +69,9 @@ def memory_text(m: dict[str, int | None]) -> str:
     parts = []
     if m.get("driver_rss") is not None:
         private = m.get("driver_private")
-        parts.append(f"driver {_bytes(m['driver_rss'])}" + (f" ({_bytes(private)} private)" if private else ""))
+        parts.append(
+            f"driver {_bytes(m['driver_rss'])}" + (f" ({_bytes(private)} private)" if private else "")
+        )
     if m.get("store_capacity"):
         gb = m["store_used"] / 1e9, m["store_capacity"] / 1e9
         parts.append(f"object store {gb[0]:.1f}/{gb[1]:.1f} GB, spilled {_bytes(m['spilled'])}")

@@ -236,7 +236,9 @@ def test_the_vm_scheduler_retries_failed_runs_like_the_cronjob():
     # systemd checks the settings it would refuse (Restart=always on a oneshot service, say), where it is installed
     if shutil.which("systemd-analyze"):
         r = subprocess.run(
-            ["systemd-analyze", "verify", str(CLUSTER / "omnilmm-nightly.service")], capture_output=True, text=True
+            ["systemd-analyze", "verify", str(CLUSTER / "omnilmm-nightly.service")],
+            capture_output=True,
+            text=True,
         )
         assert r.returncode == 0, r.stderr
 

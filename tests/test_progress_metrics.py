@@ -279,7 +279,10 @@ def test_memory_part_of_the_line():
         memory_text({"driver_rss": 612 * 10**6, "driver_private": 431 * 10**6, **store})
         == "driver 612 MB (431 MB private), object store 1.2/18.0 GB, spilled 0 B"
     )
-    assert memory_text({"driver_rss": 612 * 10**6, **store}) == "driver 612 MB, object store 1.2/18.0 GB, spilled 0 B"
+    assert (
+        memory_text({"driver_rss": 612 * 10**6, **store})
+        == "driver 612 MB, object store 1.2/18.0 GB, spilled 0 B"
+    )
     assert memory_text({"driver_rss": 2 * gb, "store_used": 0, "store_capacity": gb, "spilled": 3 * gb}) == (
         "driver 2.0 GB, object store 0.0/1.0 GB, spilled 3.0 GB"
     )
