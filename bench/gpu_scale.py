@@ -78,7 +78,9 @@ def _shard(args) -> str:
 
     path, start, n = args
     samples = [
-        (f"{i:07d}", {"jpg": encode(draw(i, size=(640, 480))[0], quality=90)}) for i in range(start, n)
+        # marked: every image distinct, as lmdeploy alone captions each one and the job captions a duplicate once
+        (f"{i:07d}", {"jpg": encode(draw(i, size=(640, 480), mark=True)[0], quality=90)})
+        for i in range(start, n)
     ]
     return str(write_tar(Path(path), samples))
 

@@ -123,3 +123,18 @@ def test_the_long_runs_memory_series_reads_the_progress_lines_memory_part():
         (3204, 700, 450),
     ]
     assert rows[0]["store_gb"] == 1.2 and rows[0]["spilled_mb"] == 2 and "store_gb" not in rows[2]
+
+
+def test_the_benchmarks_images_are_all_distinct(tmp_path):
+    """The job captions an in-run duplicate once (stages: the recent-captions cache) while lmdeploy alone captions
+    every image, so a duplicate in the benchmark's shards would flatter the job. Unmarked, a quarter of these
+    seeds repeat an earlier picture."""
+    import hashlib
+    import tarfile
+
+    shards = gpu_scale.make_shards(tmp_path / "s", 600, per_shard=200)
+    digests = []
+    for t in sorted(shards.glob("*.tar")):
+        with tarfile.open(t) as tar:
+            digests += [hashlib.sha256(tar.extractfile(m).read()).hexdigest() for m in tar if m.isfile()]
+    assert len(digests) == 600 and len(set(digests)) == 600
