@@ -159,8 +159,8 @@ class ScaleConfig(_Strict):
         256,
         gt=0,
         description="Images per engine call (fixed-size batches to the GPU). With concurrent_batches, the "
-        "sequences the engine holds at once: 256 x 2 is within 6 % of the fastest settings measured (README, Tuning); lower "
-        "it where that many do not fit the engine's KV cache.",
+        "sequences the engine holds at once: 256 x 2 is within 6 % of the fastest settings measured (README, "
+        "Tuning); lower it where that many do not fit the engine's KV cache.",
     )
     min_actors: int = Field(1, ge=1, description="Engine actors kept alive.")
     max_actors: int = Field(1, ge=1, description="Engine actors the pool may grow to.")
