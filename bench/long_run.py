@@ -71,7 +71,8 @@ def report(path: str) -> str:
         f"# Long run, {meta['images']:,} images, engine {meta.get('engine', 'turbomind')} ({meta['date']}, "
         f"{meta['machine']})",
         "",
-        f"Command: `{meta['command']}`; job: {r['job']['images']:,} images, {r['job']['error_rows']} error rows, "
+        f"Command: `{meta['command']}`; job: {r['job']['images']:,} images, {r['job']['error_rows']} error rows"
+        f"{gpu_scale._served(r['job'])}, "
         f"{r['job']['wall_s']:.0f} s end to end, steady {r['job']['steady_images_per_s']:.1f} images/s.",
         "",
         "| tenth of the run | " + " | ".join(str(k + 1) for k in range(10)) + " |",

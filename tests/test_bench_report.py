@@ -45,6 +45,11 @@ def test_the_family_table_shows_the_steady_windows_commits_and_the_actors_rate(t
     assert "| 70.7 | - | 182.1 (2 commits) | 2.58x | 56.4 |" in row()
     job["life_images_per_s"] = 60.1
     assert "| 70.7 | 60.1 (**0.85x**) | 182.1 (2 commits) | 2.58x | 56.4 |" in row()
+    assert row().endswith("| 1024 (0 errors) |")  # a run from before the count was kept
+    job["served_without_engine"] = 0
+    assert row().endswith("| 1024 (0 errors, 0 served without the engine) |")
+    job["served_without_engine"] = 266  # duplicates the job captioned once, lmdeploy alone each time
+    assert row().endswith("| 1024 (0 errors, 266 served without the engine (**ratio flattered**)) |")
 
 
 def test_the_sweep_table_shows_each_cells_commits_and_the_actors_rate(tmp_path):
