@@ -26,14 +26,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from omnilmm_ray.memory import PROC_FIELDS as DRIVER  # noqa: E402
+from omnilmm_ray.memory import proc_memory  # noqa: E402
 from omnilmm_ray.samples import draw, encode, write_tar  # noqa: E402
 
 
-def rss_mb(pid: int, field: str = "VmRSS") -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def memory_mb(pid: int) -> dict[str, float]:
+    """The process's DRIVER fields (memory.proc_memory) in MB."""
+    m = proc_memory(pid)
+    return {f: m.get(f, 0) / 2**20 for f in DRIVER}
 
 
 def actor_anon_mb() -> float | None:
@@ -41,12 +42,9 @@ def actor_anon_mb() -> float | None:
     has touched, which are the store's, not the actor's), or None before it runs."""
     pids = subprocess.run(["pgrep", "-f", "CaptionStage"], capture_output=True, text=True).stdout.split()
     try:
-        return max(rss_mb(int(p), "RssAnon") for p in pids) if pids else None
+        return max(memory_mb(int(p))["RssAnon"] for p in pids) if pids else None
     except (FileNotFoundError, ProcessLookupError):
         return None
-
-
-DRIVER = ("VmRSS", "RssAnon", "RssShmem")
 
 
 def run(shards: Path, out: Path, env: dict) -> list[tuple[float, dict, int, float | None]]:
@@ -64,8 +62,7 @@ def run(shards: Path, out: Path, env: dict) -> list[tuple[float, dict, int, floa
     while p.poll() is None:
         try:
             done = len(list(out.glob("run=*/*.parquet")))
-            driver = {f: rss_mb(p.pid, f) for f in DRIVER}
-            samples.append((time.time() - t0, driver, done, actor_anon_mb()))
+            samples.append((time.time() - t0, memory_mb(p.pid), done, actor_anon_mb()))
         except (FileNotFoundError, ProcessLookupError):
             break
         time.sleep(2)

@@ -25,19 +25,30 @@ def _bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def driver_memory() -> dict[str, int | None]:
-    """This process's resident memory and its private (anonymous) part, in bytes (Linux's /proc/self/status
-    VmRSS and RssAnon; None elsewhere): two numbers, not worth a psutil dependency."""
-    out: dict[str, int | None] = {"driver_rss": None, "driver_private": None}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "RssAnon"):
-                    out["driver_rss" if key == "VmRSS" else "driver_private"] = int(value.split()[0]) * 1024
-    except (OSError, ValueError):
-        pass
+PROC_FIELDS = ("VmRSS", "RssAnon", "RssShmem")
+
+
+def proc_memory(pid: int | str = "self") -> dict[str, int]:
+    """A process's memory from Linux's /proc/PID/status, in bytes: VmRSS (resident), RssAnon (private) and
+    RssShmem (shared-memory pages it has touched, such as the object store's). OSError off Linux or once the
+    process is gone."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in PROC_FIELDS:
+                out[key] = int(value.split()[0]) * 1024
     return out
+
+
+def driver_memory() -> dict[str, int | None]:
+    """This process's resident memory and its private part, in bytes (None elsewhere than Linux): two numbers,
+    not worth a psutil dependency."""
+    try:
+        m = proc_memory()
+    except (OSError, ValueError):
+        m = {}
+    return {"driver_rss": m.get("VmRSS"), "driver_private": m.get("RssAnon")}
 
 
 def cluster_memory() -> dict[str, int | None]:
