@@ -448,6 +448,8 @@ def run_startup(args, model: str, shards: Path) -> dict:
 
 def run_family(args, model: str, shards: Path) -> dict:
     """One family at its small model's shapes: lmdeploy alone (one process, one call) then the job, one GPU."""
+    from omnilmm_ray.config import merged
+
     cmd = [sys.executable, __file__, "--side", "ceiling", "--model", model, "--shards", str(shards)]
     cmd += ["--tokens", str(args.tokens), "--seed-loop", "0", "--backend", args.backend]
     cmd += ["--ceiling-chunk", str(args.ceiling_chunk)]
@@ -459,11 +461,26 @@ def run_family(args, model: str, shards: Path) -> dict:
     print("ceiling", json.dumps(res["ceiling"]), file=sys.stderr, flush=True)
     # what is measured survives a failed or timed-out job
     Path(args.out).write_text(json.dumps({args.family: res, "meta": args.meta}, indent=1))
-    out = Path(args.work) / f"out-{args.family}-{time.time_ns()}"
-    extra = json.loads(args.job_config) if args.job_config else None
-    res["job_1gpu"] = job(
-        model, shards, out, args.tokens, 1, 1, args.batch, extra=extra, backend=args.backend
-    )
+    extra = json.loads(args.job_config) if args.job_config else {}
+    # `--job-cells 256x2,256x4`: one job per cell against the one ceiling; the first is `job_1gpu`
+    for i, cell in enumerate(args.job_cells.split(",") if args.job_cells else [None]):
+        scale = sweep_cell(cell) if cell else {"batch_size": args.batch}
+        name = "job_1gpu" if i == 0 else f"job_1gpu_{cell}"
+        out = Path(args.work) / f"out-{args.family}-{time.time_ns()}"
+        res[name] = job(
+            model,
+            shards,
+            out,
+            args.tokens,
+            1,
+            1,
+            scale["batch_size"],
+            extra=merged(extra, {"scale": scale}),
+            backend=args.backend,
+        )
+        res[name]["cell"] = cell
+        print(name, json.dumps({k: res[name][k] for k in SWEEP_KEYS}), file=sys.stderr, flush=True)
+        Path(args.out).write_text(json.dumps({args.family: res, "meta": args.meta}, indent=1))
     return {args.family: res}
 
 
@@ -552,36 +569,22 @@ def _fmt(x: float | None) -> str:
 
 
 def report_families(paths: list[str]) -> str:
-    """One table over `--part family` results (one file per family, all from one machine)."""
+    """One table over `--part family` results (one file per family, all from one machine); a row per job."""
     rows, meta = [], None
     for p in paths:
         r = json.loads(Path(p).read_text())
         meta = r.pop("meta")
         for fam, res in r.items():
-            c, j = res["ceiling"], res["job_1gpu"]
-            chunked = [v for k, v in c.items() if k.startswith("chunks_of_") and k.endswith("_images_per_s")]
-            alone = max([c["ceiling_images_per_s"], *chunked])  # lmdeploy's best: one call or chunks
-            ratio = j["steady_images_per_s"] / alone
-            life = j.get("life_images_per_s")
-            rows.append(
-                f"| {fam} | {res.get('backend', 'turbomind')} | {res.get('shape', '')} | "
-                f"{c['ceiling_images_per_s']:.1f}"
-                + "".join(f" / {x:.1f}" for x in chunked)
-                + f" | {_fmt(life)}"
-                + (f" (**{life / alone:.2f}x**)" if life else "")
-                + f" | {j['steady_images_per_s']:.1f} ({j.get('steady_commits', '?')} commits) | {ratio:.2f}x | "
-                f"{_fmt(j.get('actor_images_per_s'))} | "
-                f"{j['end_to_end_images_per_s']:.1f} | {c['ceiling_gpu_util']} / {j.get('gpu_util_steady', j['gpu_util'])} | "
-                f"{j['images']} ({j['error_rows']} errors{_served(j)}) |"
-            )
+            rows += [_family_row(fam, res, j) for k, j in res.items() if k.startswith("job_1gpu")]
     return "\n".join(
         [
             f"# Speed per model family, lmdeploy alone vs. the job, one GPU ({meta['date']})",
             "",
             f"Machine: {meta['gpus']} x {meta['gpu']}, {meta['cpus']} CPU cores; lmdeploy {meta['lmdeploy']}, "
             f"ray {meta['ray']}, torch {meta['torch']}. {meta['images']} JPEGs 640x480 in WebDataset tars; greedy; "
-            f"exactly {meta['tokens']} new tokens; job batch {meta['batch']}. Random weights with each family's "
-            "published small-model shapes (omnilmm_ray/testing/tiny_families.py SHAPES).",
+            f"exactly {meta['tokens']} new tokens; job batch {meta['batch']} unless the row names its batch size x "
+            "engine calls in flight. Random weights with each family's published small-model shapes "
+            "(omnilmm_ray/testing/tiny_families.py SHAPES).",
             f"Command per family: `{meta['command']}`; table: `python bench/gpu_scale.py --report-families F*.json`",
             "",
             "| family | backend | shapes | lmdeploy alone (images/s: one call / in chunks) | job, first batch in to "
@@ -591,6 +594,24 @@ def report_families(paths: list[str]) -> str:
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             *rows,
         ]
+    )
+
+
+def _family_row(fam: str, res: dict, j: dict) -> str:
+    c = res["ceiling"]
+    chunked = [v for k, v in c.items() if k.startswith("chunks_of_") and k.endswith("_images_per_s")]
+    alone = max([c["ceiling_images_per_s"], *chunked])  # lmdeploy's best: one call or chunks
+    life = j.get("life_images_per_s")
+    return (
+        f"| {fam}{f' ({cell})' if (cell := j.get('cell')) else ''} | {res.get('backend', 'turbomind')} | "
+        f"{res.get('shape', '')} | {c['ceiling_images_per_s']:.1f}"
+        + "".join(f" / {x:.1f}" for x in chunked)
+        + f" | {_fmt(life)}"
+        + (f" (**{life / alone:.2f}x**)" if life else "")
+        + f" | {j['steady_images_per_s']:.1f} ({j.get('steady_commits', '?')} commits) | "
+        f"{j['steady_images_per_s'] / alone:.2f}x | {_fmt(j.get('actor_images_per_s'))} | "
+        f"{j['end_to_end_images_per_s']:.1f} | {c['ceiling_gpu_util']} / {j.get('gpu_util_steady', j['gpu_util'])} | "
+        f"{j['images']} ({j['error_rows']} errors{_served(j)}) |"
     )
 
 
@@ -727,6 +748,9 @@ def main() -> None:
         default=",".join(f"{b}x{k}" for b in (32, 64, 128, 256) for k in (1, 2, 4)),
         help="--part sweep: batch_size x concurrent_batches, each optionally with scale overrides, e.g. "
         "256x2:max_batches_in_flight=8",
+    )
+    ap.add_argument(
+        "--job-cells", help="--part family: one job per cell (as --cells) after the one lmdeploy-alone call"
     )
     ap.add_argument("--report-sweep")
     ap.add_argument("--side", choices=["ceiling"], help=argparse.SUPPRESS)

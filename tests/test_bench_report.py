@@ -52,6 +52,25 @@ def test_the_family_table_shows_the_steady_windows_commits_and_the_actors_rate(t
     assert row().endswith("| 1024 (0 errors, 266 served without the engine (**ratio flattered**)) |")
 
 
+def test_the_family_table_has_a_row_per_job_cell_against_the_one_ceiling(tmp_path):
+    meta = dict(date="d", gpus=1, gpu="G", cpus=16, lmdeploy="l", ray="r", torch="t", images=1024, tokens=128)
+    job = dict(
+        steady_images_per_s=70.0, end_to_end_images_per_s=30.0, gpu_util=[90.0], images=1024, error_rows=0
+    )
+    family = {
+        "ceiling": dict(ceiling_images_per_s=70.0, ceiling_gpu_util=[99.0]),
+        "job_1gpu": {**job, "cell": None},  # --part family without --job-cells
+        "job_1gpu_256x4": {**job, "steady_images_per_s": 77.0, "cell": "256x4"},
+    }
+    f = tmp_path / "F.json"
+    f.write_text(json.dumps({"qwen2_vl": family, "meta": {**meta, "batch": 256, "command": "c"}}))
+    rows = gpu_scale.report_families([str(f)]).splitlines()[-2:]
+    assert rows[0].startswith("| qwen2_vl | turbomind |") and "| 70.0 (? commits) | 1.00x |" in rows[0]
+    assert (
+        rows[1].startswith("| qwen2_vl (256x4) | turbomind |") and "| 77.0 (? commits) | 1.10x |" in rows[1]
+    )
+
+
 def test_the_sweep_table_shows_each_cells_commits_and_the_actors_rate(tmp_path):
     meta = dict(gpu="G", shape="Qwen2-VL-7B", tokens=128, images=2048, command="c")
     cell = dict(steady_images_per_s=40.0, steady_commits=6, actor_images_per_s=41.5, gpu_util_steady=[97.0])
