@@ -95,6 +95,25 @@ class EngineSlots:
                 self._cv.notify_all()
 
 
+def budget_hint(engine_max: int | None, cfg: JobConfig) -> str | None:
+    """What to change when the engine could decode more sequences at once than the actor gives it.
+
+    `engine_max`: the engine's own limit (lmdeploy fills in `max_batch_size` by GPU when it is unset: 1,024 on
+    H100/H200, 384 on A100, 128 on others); an engine given fewer decodes smaller batches, which is throughput
+    lost where the GPU is the limit. None (not known) or enough: no hint."""
+    per_image = len(cfg.prompt_names or [None])
+    held = cfg.scale.batch_size * cfg.scale.concurrent_batches * per_image
+    if not engine_max or held >= engine_max:
+        return None
+    calls = -(-engine_max // (cfg.scale.batch_size * per_image))
+    return (
+        f"the engine decodes up to {engine_max} sequences at once; this actor gives it at most {held} "
+        f"(scale.batch_size {cfg.scale.batch_size} x scale.concurrent_batches {cfg.scale.concurrent_batches}"
+        + (f" x {per_image} prompts" if per_image > 1 else "")
+        + f"). Where the GPU is the limit, scale.concurrent_batches: {calls} keeps it full (README, Tuning)"
+    )
+
+
 class StageTimer:
     """Where an engine actor's time goes, per thread of calls: waiting for a batch, converting it, in the
     engine, building the output. Logged every `every_s` so the next bottleneck shows without a profiler."""
@@ -265,6 +284,8 @@ class CaptionStage:
             backend,
             resolved_s,
         )
+        if hint := budget_hint(getattr(self.engine, "max_sequences", None), cfg):
+            log.warning(hint)
 
     def _image(self, r: dict, pixels, pw: int, ph: int) -> Image.Image | Prepared:
         if self.vision is None:

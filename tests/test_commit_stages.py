@@ -185,3 +185,19 @@ def test_a_write_interrupted_by_a_crash_leaves_a_temporary_file_the_next_attempt
     (tmp_path / ".tmp-0123-b.parquet").write_bytes(b"half a file")  # what a kill mid-write leaves
     prog = load_progress(str(tmp_path))
     assert prog.complete == {"a"} and [p.rsplit("/", 1)[-1] for p in prog.orphans] == [".tmp-0123-b.parquet"]
+
+
+def test_an_actor_that_gives_its_engine_fewer_sequences_than_it_decodes_says_what_to_raise(tmp_path, caplog):
+    def hints(engine: dict, **cfg) -> list[str]:
+        caplog.clear()
+        CaptionStage(JobConfig(inputs=["x"], output="o", engine={"backend": "fake", **engine}, **cfg), "")
+        return [r.getMessage() for r in caplog.records if "sequences at once" in r.getMessage()]
+
+    # 256 x 2 = 512 images against an engine of 1,024 (lmdeploy's own limit on an H100 or H200)
+    (hint,) = hints({"max_batch_size": 1024})
+    assert "at most 512 (scale.batch_size 256 x scale.concurrent_batches 2)" in hint
+    assert "scale.concurrent_batches: 4 keeps it full" in hint
+    assert hints({"max_batch_size": 512}) == [] and hints({}) == []  # enough, or the limit unknown
+    prompts = {"short": "Describe briefly.", "tags": "List the objects."}  # two sequences per image
+    (hint,) = hints({"max_batch_size": 1536}, prompts=prompts, scale={"batch_size": 128})
+    assert "at most 512 (" in hint and "x 2 prompts)" in hint and "concurrent_batches: 6 keeps" in hint

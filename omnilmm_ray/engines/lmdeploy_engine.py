@@ -115,6 +115,8 @@ class LmdeployEngine:
             log_level="WARNING",
         )
         self.gen_config = _gen_config(gen)
+        # the sequences the engine decodes at once: lmdeploy resolves an unset max_batch_size by GPU
+        self.max_sequences = self.pipe.backend_config.max_batch_size
         self.tokenizer = self.pipe.async_engine.tokenizer
         self.takes_prepared = self.backend == "turbomind" and _accept_prepared(self.pipe)
         self.redecoded = 0  # captions recovered by the workaround in _text
