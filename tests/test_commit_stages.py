@@ -13,7 +13,7 @@ from omnilmm_ray.preprocess import preprocess_batch
 from omnilmm_ray.reuse import HITS_SCHEMA, apply_reuse
 from omnilmm_ray.samples import draw, encode
 from omnilmm_ray.sources import Shard
-from omnilmm_ray.stages import CaptionStage
+from omnilmm_ray.stages import CaptionStage, budget_hint
 
 
 def engine_rows(shard_id, n, skipped=0):
@@ -188,9 +188,12 @@ def test_a_write_interrupted_by_a_crash_leaves_a_temporary_file_the_next_attempt
 
 
 def test_an_actor_that_gives_its_engine_fewer_sequences_than_it_decodes_says_what_to_raise(tmp_path, caplog):
-    def hints(engine: dict, **cfg) -> list[str]:
+    def hints(engine: dict, scale: dict | None = None, **cfg) -> list[str]:
         caplog.clear()
-        CaptionStage(JobConfig(inputs=["x"], output="o", engine={"backend": "fake", **engine}, **cfg), "")
+        scale = {"concurrent_batches": 2, **(scale or {})}
+        CaptionStage(
+            JobConfig(inputs=["x"], output="o", engine={"backend": "fake", **engine}, scale=scale, **cfg), ""
+        )
         return [r.getMessage() for r in caplog.records if "sequences at once" in r.getMessage()]
 
     # 256 x 2 = 512 images against an engine of 1,024 (lmdeploy's own limit on an H100 or H200)
@@ -198,6 +201,7 @@ def test_an_actor_that_gives_its_engine_fewer_sequences_than_it_decodes_says_wha
     assert "at most 512 (scale.batch_size 256 x scale.concurrent_batches 2)" in hint
     assert "scale.concurrent_batches: 4 keeps it full" in hint
     assert hints({"max_batch_size": 512}) == [] and hints({}) == []  # enough, or the limit unknown
+    assert budget_hint(1024, JobConfig(inputs=["x"], output="o")) is None  # the defaults fill an H100's engine
     prompts = {"short": "Describe briefly.", "tags": "List the objects."}  # two sequences per image
     (hint,) = hints({"max_batch_size": 1536}, prompts=prompts, scale={"batch_size": 128})
     assert "at most 512 (" in hint and "x 2 prompts)" in hint and "concurrent_batches: 6 keeps" in hint
