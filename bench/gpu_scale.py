@@ -257,6 +257,24 @@ def run_ceilings(args, model: str, shards: Path) -> dict:
     return res
 
 
+def steady_window(commits: list[tuple[float, int]], calls: int) -> tuple[float, int, float, float]:
+    """(images/s, commits counted, start, end) from the 10th percentile commit on, over whole rounds of `calls`
+    commits, and short of the last round. `commits`: (time, rows), sorted.
+
+    With `calls` engine calls in flight and a tar per call, tars commit from `calls` staggered streams, so a
+    span that is not whole rounds counts a stagger too many or too few; and the last round of calls drains
+    together (fewer sequences, faster steps), its commits bunched at the end. In a 16-tar run at 256 x 4 the
+    plain 10th-90th percentile window read 84.5 images/s where whole rounds read 70.5."""
+    lo = len(commits) // 10
+    rounds = max(0, (min(len(commits) * 9 // 10, len(commits) - 1 - calls) - lo) // calls)
+    hi = lo + rounds * calls if rounds else min(lo + 1, len(commits) - 1)  # too short for a round: one commit
+    (start, _), (end, _) = commits[lo], commits[hi]
+    if hi == lo:
+        return float("nan"), 0, start, end
+    window = commits[lo + 1 : hi + 1]
+    return sum(c for _, c in window) / (end - start), len(window), start, end
+
+
 def _commit_times(out: Path) -> list[tuple[float, int]]:
     import pyarrow.parquet as pq
 
@@ -350,7 +368,7 @@ def job(
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    from omnilmm_ray.config import merged
+    from omnilmm_ray.config import ScaleConfig, merged
 
     cfg = {
         "engine": {"backend": backend, "model": model, "session_len": 2048, "cache_max_entry_count": 0.5},
@@ -378,9 +396,8 @@ def job(
     rows = pads.dataset(str(run), format="parquet").to_table(columns=["error", "output_tokens", "cached"])
     commits = _commit_times(out)
     n = sum(c for _, c in commits)
-    lo, hi = commits[len(commits) // 10], commits[len(commits) * 9 // 10]
-    window = [c for t, c in commits if lo[0] < t <= hi[0]]  # rows of the commits in the steady window
-    steady = sum(window) / (hi[0] - lo[0])
+    calls = cfg["scale"].get("concurrent_batches", ScaleConfig().concurrent_batches)
+    steady, window, start, end = steady_window(commits, calls)
     actor_lines = [ln.split("engine actor: ", 1)[1] for ln in r.stderr.splitlines() if "engine actor: " in ln]
     started = [
         ln.split("engine actor ready", 1)[1] for ln in r.stderr.splitlines() if "engine actor ready" in ln
@@ -389,13 +406,13 @@ def job(
         "images": n,
         "end_to_end_images_per_s": n / (t1 - t0),
         "steady_images_per_s": steady,
-        "steady_commits": len(window),
+        "steady_commits": window,
         "actor_images_per_s": actor_rate(r.stderr),
         "life_images_per_s": engine_life_rate(r.stderr, n),
         "first_commit_s": commits[0][0] - t0,
         "wall_s": t1 - t0,
         "gpu_util": gpu.mean(),
-        "gpu_util_steady": gpu.mean(lo[0], hi[0]),  # over the steady window only (10th-90th pct commits)
+        "gpu_util_steady": gpu.mean(start, end),  # over the steady window only
         "cpu_busy_pct": gpu.cpu_busy_pct,
         "actor_timings_last": actor_lines[-2:],
         "actor_start": started,

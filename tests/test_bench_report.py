@@ -162,3 +162,20 @@ def test_the_benchmarks_images_are_all_distinct(tmp_path):
         with tarfile.open(t) as tar:
             digests += [hashlib.sha256(tar.extractfile(m).read()).hexdigest() for m in tar if m.isfile()]
     assert len(digests) == 600 and len(set(digests)) == 600
+
+
+def test_the_steady_window_spans_whole_rounds_of_calls_short_of_the_draining_last_round():
+    # commit times (s) of 16 tars of 256 images, 7B, 128 tokens on one H100: four calls in flight commit from four
+    # staggered streams, and the last four calls drain together (42.1-42.8 s)
+    four = [0.0, 3.419, 6.545, 12.48, 13.833, 17.797, 20.518, 26.54, 29.148, 32.487, 35.586, 40.797]
+    four = [(t, 256) for t in four + [42.137, 42.654, 42.81, 42.832]]
+    rate, n, start, end = gpu_scale.steady_window(four, 4)
+    assert (n, start, end) == (8, 3.419, 32.487)  # two rounds, from the 2nd commit
+    assert abs(rate - 8 * 256 / (32.487 - 3.419)) < 1e-9
+    assert gpu_scale.steady_window(four, 1)[0] > 1.15 * rate  # 10th-90th percentile alone: into the drain
+    # two calls in flight (the same images): commits in pairs
+    two = [0.0, 5.77, 6.503, 13.204, 13.821, 21.443, 21.956, 28.868, 29.493, 36.912, 37.439, 44.872, 45.499]
+    two = [(t, 256) for t in two + [52.355, 52.894, 52.896]]
+    assert gpu_scale.steady_window(two, 2) == (12 * 256 / (52.355 - 5.77), 12, 5.77, 52.355)
+    assert gpu_scale.steady_window([(0.0, 5), (1.0, 5)], 4) == (5.0, 1, 0.0, 1.0)  # too short for a round
+    assert gpu_scale.steady_window([(0.0, 5)], 4)[1] == 0

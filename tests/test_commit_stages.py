@@ -201,7 +201,9 @@ def test_an_actor_that_gives_its_engine_fewer_sequences_than_it_decodes_says_wha
     assert "at most 512 (scale.batch_size 256 x scale.concurrent_batches 2)" in hint
     assert "scale.concurrent_batches: 4 keeps it full" in hint
     assert hints({"max_batch_size": 512}) == [] and hints({}) == []  # enough, or the limit unknown
-    assert budget_hint(1024, JobConfig(inputs=["x"], output="o")) is None  # the defaults fill an H100's engine
+    assert (
+        budget_hint(1024, JobConfig(inputs=["x"], output="o")) is None
+    )  # the defaults fill an H100's engine
     prompts = {"short": "Describe briefly.", "tags": "List the objects."}  # two sequences per image
     (hint,) = hints({"max_batch_size": 1536}, prompts=prompts, scale={"batch_size": 128})
     assert "at most 512 (" in hint and "x 2 prompts)" in hint and "concurrent_batches: 6 keeps" in hint
