@@ -95,22 +95,28 @@ class EngineSlots:
                 self._cv.notify_all()
 
 
-def budget_hint(engine_max: int | None, cfg: JobConfig) -> str | None:
+def budget_hint(engine_max: int | None, cfg: JobConfig, serial_calls: bool = False) -> str | None:
     """What to change when the engine could decode more sequences at once than the actor gives it.
 
     `engine_max`: the engine's own limit (lmdeploy fills in `max_batch_size` by GPU when it is unset: 1,024 on
     H100/H200, 384 on A100, 128 on others); an engine given fewer decodes smaller batches, which is throughput
-    lost where the GPU is the limit. None (not known) or enough: no hint."""
+    lost where the GPU is the limit. None (not known) or enough: no hint. `serial_calls`: the engine takes one
+    call at a time (lmdeploy's PyTorch engine), so only a larger batch gives it more."""
     per_image = len(cfg.prompt_names or [None])
-    held = cfg.scale.batch_size * cfg.scale.concurrent_batches * per_image
+    calls = 1 if serial_calls else cfg.scale.concurrent_batches
+    held = cfg.scale.batch_size * calls * per_image
     if not engine_max or held >= engine_max:
         return None
-    calls = -(-engine_max // (cfg.scale.batch_size * per_image))
+    if serial_calls:
+        given = f"scale.batch_size {cfg.scale.batch_size}, one call at a time"
+        fix = f"scale.batch_size: {-(-engine_max // per_image)}"
+    else:
+        given = f"scale.batch_size {cfg.scale.batch_size} x scale.concurrent_batches {calls}"
+        fix = f"scale.concurrent_batches: {-(-engine_max // (cfg.scale.batch_size * per_image))}"
     return (
-        f"the engine decodes up to {engine_max} sequences at once; this actor gives it at most {held} "
-        f"(scale.batch_size {cfg.scale.batch_size} x scale.concurrent_batches {cfg.scale.concurrent_batches}"
+        f"the engine decodes up to {engine_max} sequences at once; this actor gives it at most {held} ({given}"
         + (f" x {per_image} prompts" if per_image > 1 else "")
-        + f"). Where the GPU is the limit, scale.concurrent_batches: {calls} keeps it full (README, Tuning)"
+        + f"). Where the GPU is the limit, {fix} keeps it full (README, Tuning)"
     )
 
 
@@ -284,7 +290,8 @@ class CaptionStage:
             backend,
             resolved_s,
         )
-        if hint := budget_hint(getattr(self.engine, "max_sequences", None), cfg):
+        engine_max = getattr(self.engine, "max_sequences", None)
+        if hint := budget_hint(engine_max, cfg, getattr(self.engine, "serial_calls", False)):
             log.warning(hint)
 
     def _image(self, r: dict, pixels, pw: int, ph: int) -> Image.Image | Prepared:

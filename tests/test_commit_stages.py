@@ -201,9 +201,12 @@ def test_an_actor_that_gives_its_engine_fewer_sequences_than_it_decodes_says_wha
     assert "at most 512 (scale.batch_size 256 x scale.concurrent_batches 2)" in hint
     assert "scale.concurrent_batches: 4 keeps it full" in hint
     assert hints({"max_batch_size": 512}) == [] and hints({}) == []  # enough, or the limit unknown
-    assert (
-        budget_hint(1024, JobConfig(inputs=["x"], output="o")) is None
-    )  # the defaults fill an H100's engine
+    defaults = JobConfig(inputs=["x"], output="o")
+    assert budget_hint(1024, defaults) is None  # the defaults fill an H100's engine
+    # an engine whose calls take turns (lmdeploy's PyTorch engine): more calls in flight do not reach it
+    hint = budget_hint(1024, defaults, serial_calls=True)
+    assert "at most 256 (scale.batch_size 256, one call at a time)" in hint
+    assert "scale.batch_size: 1024 keeps it full" in hint
     prompts = {"short": "Describe briefly.", "tags": "List the objects."}  # two sequences per image
     (hint,) = hints({"max_batch_size": 1536}, prompts=prompts, scale={"batch_size": 128})
     assert "at most 512 (" in hint and "x 2 prompts)" in hint and "concurrent_batches: 6 keeps" in hint

@@ -54,6 +54,7 @@ class FakeEngine:
         self.bad_captions = cfg.fake_bad_captions
         self.blind = cfg.fake_blind
         self.max_sequences = cfg.max_batch_size  # None: no limit of its own
+        self.serial_calls = False
         # The same image check as a real engine's (its drill: fake_blind); the other drills (crash, delay,
         # calls log) see the job's batches only.
         self._probing = True

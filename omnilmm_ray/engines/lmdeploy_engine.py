@@ -120,7 +120,8 @@ class LmdeployEngine:
         self.tokenizer = self.pipe.async_engine.tokenizer
         self.takes_prepared = self.backend == "turbomind" and _accept_prepared(self.pipe)
         self.redecoded = 0  # captions recovered by the workaround in _text
-        self._lock = threading.Lock() if self.backend == "pytorch" else contextlib.nullcontext()
+        self.serial_calls = self.backend == "pytorch"  # its calls take turns (caption)
+        self._lock = threading.Lock() if self.serial_calls else contextlib.nullcontext()
         _pil_image_processor(self.pipe)
         try:
             self.sight = check_sight(
