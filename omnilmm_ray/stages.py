@@ -290,8 +290,7 @@ class CaptionStage:
             backend,
             resolved_s,
         )
-        engine_max = getattr(self.engine, "max_sequences", None)
-        if hint := budget_hint(engine_max, cfg, getattr(self.engine, "serial_calls", False)):
+        if hint := budget_hint(self.engine.max_sequences, cfg, self.engine.serial_calls):
             log.warning(hint)
 
     def _image(self, r: dict, pixels, pw: int, ph: int) -> Image.Image | Prepared:

@@ -40,6 +40,8 @@ class EngineDied(RuntimeError):
 
 class Engine(Protocol):
     name: str
+    max_sequences: int | None  # sequences it decodes at once (None: no limit of its own)
+    serial_calls: bool  # its calls take turns, so only a larger call gives it more sequences
 
     def caption(
         self,
