@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_scale  # noqa: E402
 
 _PROGRESS = re.compile(
-    r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+ .*progress: ([\d,]+)/\S+ images.*?, memory: driver ([\d.]+) (KB|MB|GB)"
+    r"(?P<when>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+ .*progress: (?P<images>[\d,]+)/\S+ images.*?"
+    r", memory: driver (?P<driver>[\d.]+) (?P<driver_unit>KB|MB|GB)"
     r"(?: \((?P<private>[\d.]+) (?P<unit>KB|MB|GB) private\))?"
-    r"(?:, object store ([\d.]+)/([\d.]+) GB, spilled ([\d.]+) (B|KB|MB|GB))?"
+    r"(?:, object store (?P<store>[\d.]+)/(?P<cap>[\d.]+) GB, spilled (?P<spilled>[\d.]+) (?P<spilled_unit>B|KB|MB|GB))?"
 )
 _UNIT = {"B": 1e-6, "KB": 1e-3, "MB": 1.0, "GB": 1e3}
 
@@ -53,12 +54,20 @@ def tenths(commits: list[tuple[float, int]]) -> list[float]:
 def memory_series(log: str) -> list[dict]:
     out = []
     for m in _PROGRESS.finditer(log):
-        t = time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S"))
-        row = {"t": t, "images": int(m[2].replace(",", "")), "driver_mb": float(m[3]) * _UNIT[m[4]]}
+        t = time.mktime(time.strptime(m["when"], "%Y-%m-%d %H:%M:%S"))
+        row = {
+            "t": t,
+            "images": int(m["images"].replace(",", "")),
+            "driver_mb": float(m["driver"]) * _UNIT[m["driver_unit"]],
+        }
         if m["private"]:
             row.update(driver_private_mb=float(m["private"]) * _UNIT[m["unit"]])
-        if m[7]:
-            row.update(store_gb=float(m[7]), store_cap_gb=float(m[8]), spilled_mb=float(m[9]) * _UNIT[m[10]])
+        if m["store"]:
+            row.update(
+                store_gb=float(m["store"]),
+                store_cap_gb=float(m["cap"]),
+                spilled_mb=float(m["spilled"]) * _UNIT[m["spilled_unit"]],
+            )
         out.append(row)
     return out
 
