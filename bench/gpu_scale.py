@@ -25,6 +25,9 @@ Per model family (each family's published small-model shapes, tiny_families.SHAP
 GPU-bound regime (Qwen2-VL-7B shapes, 128 new tokens), and the job's batch size x engine calls in flight:
 
     python bench/gpu_scale.py --part family --shape 7b --tokens 128 --images 4096 --out F-7b.json
+    # more cells on the same machine (each command stays within a time limit) against that one lmdeploy-alone call
+    python bench/gpu_scale.py --part family --shape 7b --tokens 128 --images 4096 --ceiling-from F-7b.json \
+        --job-cells 256x6 --out F-7b-more.json
     python bench/gpu_scale.py --part sweep --shape 7b --tokens 128 --cells 32x2,256x2 --out S.json
     python bench/gpu_scale.py --report-sweep S.json
 """
@@ -467,14 +470,17 @@ def run_family(args, model: str, shards: Path) -> dict:
     """One family at its small model's shapes: lmdeploy alone (one process, one call) then the job, one GPU."""
     from omnilmm_ray.config import merged
 
-    cmd = [sys.executable, __file__, "--side", "ceiling", "--model", model, "--shards", str(shards)]
-    cmd += ["--tokens", str(args.tokens), "--seed-loop", "0", "--backend", args.backend]
-    cmd += ["--ceiling-chunk", str(args.ceiling_chunk)]
-    r = subprocess.run(
-        cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"}, stdout=subprocess.PIPE, text=True
-    )
-    assert r.returncode == 0, r.returncode
-    res = {"ceiling": json.loads(r.stdout.strip().splitlines()[-1])}
+    if args.ceiling_from:
+        res = {"ceiling": earlier_ceiling(args.ceiling_from, args.family, args.meta)}
+    else:
+        cmd = [sys.executable, __file__, "--side", "ceiling", "--model", model, "--shards", str(shards)]
+        cmd += ["--tokens", str(args.tokens), "--seed-loop", "0", "--backend", args.backend]
+        cmd += ["--ceiling-chunk", str(args.ceiling_chunk)]
+        r = subprocess.run(
+            cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"}, stdout=subprocess.PIPE, text=True
+        )
+        assert r.returncode == 0, r.returncode
+        res = {"ceiling": json.loads(r.stdout.strip().splitlines()[-1])}
     print("ceiling", json.dumps(res["ceiling"]), file=sys.stderr, flush=True)
     # what is measured survives a failed or timed-out job
     Path(args.out).write_text(json.dumps({args.family: res, "meta": args.meta}, indent=1))
@@ -499,6 +505,29 @@ def run_family(args, model: str, shards: Path) -> dict:
         print(name, json.dumps({k: res[name][k] for k in SWEEP_KEYS}), file=sys.stderr, flush=True)
         Path(args.out).write_text(json.dumps({args.family: res, "meta": args.meta}, indent=1))
     return {args.family: res}
+
+
+# What must match for a ceiling measured by an earlier run to stand beside this run's jobs.
+SAME_RUN = ("gpu", "images", "tokens", "shape", "lmdeploy")
+
+
+def earlier_ceiling(path: str, family: str, meta: dict) -> dict:
+    """lmdeploy alone as an earlier `--part family` run on this machine measured it (`--ceiling-from`), so more
+    job cells need not measure it again: refused unless it ran the same model, images and caption length on the
+    same GPU kind, this day. The machine itself cannot be checked from here: use it only on the machine that
+    wrote it, while that machine is still up."""
+    earlier = json.loads(Path(path).read_text())
+    differ = [k for k in (*SAME_RUN, "date") if earlier["meta"].get(k) != meta.get(k)]
+    if differ or family not in earlier:
+        raise SystemExit(
+            f"--ceiling-from {path}: not comparable with this run ("
+            + (
+                ", ".join(f"{k} {earlier['meta'].get(k)!r} vs {meta.get(k)!r}" for k in differ)
+                or f"no {family}"
+            )
+            + "); measure lmdeploy alone again"
+        )
+    return {**earlier[family]["ceiling"], "from": path}
 
 
 SWEEP_KEYS = (
@@ -623,6 +652,7 @@ def _family_row(fam: str, res: dict, j: dict) -> str:
         f"| {fam}{f' ({cell})' if (cell := j.get('cell')) else ''} | {res.get('backend', 'turbomind')} | "
         f"{res.get('shape', '')} | {c['ceiling_images_per_s']:.1f}"
         + "".join(f" / {x:.1f}" for x in chunked)
+        + (f" (measured by {Path(c['from']).name})" if c.get("from") else "")
         + f" | {_fmt(life)}"
         + (f" (**{life / alone:.2f}x**)" if life else "")
         + f" | {j['steady_images_per_s']:.1f} ({j.get('steady_commits', '?')} commits) | "
@@ -758,6 +788,10 @@ def main() -> None:
     ap.add_argument("--report-families", nargs="+")
     ap.add_argument(
         "--ceiling-chunk", type=int, default=512, help="--part family: lmdeploy alone in chunks too"
+    )
+    ap.add_argument(
+        "--ceiling-from",
+        help="--part family: lmdeploy alone from this earlier --out of the same machine, model and images",
     )
     ap.add_argument("--awq", action="store_true", help="qwen2_vl: the language model's linears in AWQ int4")
     ap.add_argument(

@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("gpu_scale", ROOT / "bench" / "gpu_scale.py")
 gpu_scale = importlib.util.module_from_spec(spec)
@@ -69,6 +71,33 @@ def test_the_family_table_has_a_row_per_job_cell_against_the_one_ceiling(tmp_pat
     assert (
         rows[1].startswith("| qwen2_vl (256x4) | turbomind |") and "| 77.0 (? commits) | 1.10x |" in rows[1]
     )
+
+
+def test_a_ceiling_from_an_earlier_call_stands_only_beside_the_same_model_images_and_gpu(tmp_path):
+    meta = dict(date="d", gpu="G", images=6144, tokens=128, shape="Qwen2-VL-7B", lmdeploy="l", command="a")
+    ceiling = dict(ceiling_images_per_s=73.0, ceiling_gpu_util=[99.1])
+    f = tmp_path / "F-first.json"
+    f.write_text(json.dumps({"qwen2_vl": {"ceiling": ceiling}, "meta": meta}))
+    same = {**meta, "command": "b"}  # another command line is fine: more job cells
+    assert gpu_scale.earlier_ceiling(str(f), "qwen2_vl", same) == {**ceiling, "from": str(f)}
+    for field, other in [("images", 4096), ("tokens", 32), ("shape", "Qwen2-VL-7B AWQ int4"), ("gpu", "H")]:
+        with pytest.raises(SystemExit, match=f"not comparable with this run \\({field} "):
+            gpu_scale.earlier_ceiling(str(f), "qwen2_vl", {**same, field: other})
+    with pytest.raises(SystemExit, match="no qwen2_5_vl"):
+        gpu_scale.earlier_ceiling(str(f), "qwen2_5_vl", same)
+    job = dict(steady_images_per_s=73.0, end_to_end_images_per_s=30.0, gpu_util=[90.0], images=6144)
+    family = {"ceiling": {**ceiling, "from": str(f)}, "job_1gpu": {**job, "error_rows": 0, "cell": "256x6"}}
+    g = tmp_path / "F-second.json"
+    g.write_text(
+        json.dumps(
+            {
+                "qwen2_vl": family,
+                "meta": {**same, "gpus": 1, "cpus": 16, "ray": "r", "torch": "t", "batch": 256},
+            }
+        )
+    )
+    row = gpu_scale.report_families([str(g)]).splitlines()[-1]
+    assert "| 73.0 (measured by F-first.json) | - | 73.0 (? commits) | 1.00x |" in row
 
 
 def test_the_sweep_table_shows_each_cells_commits_and_the_actors_rate(tmp_path):
