@@ -26,15 +26,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from omnilmm_ray.memory import PROC_FIELDS as DRIVER  # noqa: E402
-from omnilmm_ray.memory import proc_memory  # noqa: E402
+from omnilmm_ray.memory import PROC_FIELDS, proc_memory  # noqa: E402
 from omnilmm_ray.samples import draw, encode, write_tar  # noqa: E402
 
 
 def memory_mb(pid: int) -> dict[str, float]:
-    """The process's DRIVER fields (memory.proc_memory) in MB."""
+    """The process's PROC_FIELDS (memory.proc_memory) in MB."""
     m = proc_memory(pid)
-    return {f: m.get(f, 0) / 2**20 for f in DRIVER}
+    return {f: m.get(f, 0) / 2**20 for f in PROC_FIELDS}
 
 
 def actor_anon_mb() -> float | None:
@@ -48,7 +47,7 @@ def actor_anon_mb() -> float | None:
 
 
 def run(shards: Path, out: Path, env: dict) -> list[tuple[float, dict, int, float | None]]:
-    """(seconds, the driver's DRIVER fields in MB, shard files committed, engine actor's RssAnon MB) every 2 s of
+    """(seconds, the driver's PROC_FIELDS in MB, shard files committed, engine actor's RssAnon MB) every 2 s of
     one fake-engine job."""
     cmd = [sys.executable, str(ROOT / "jobs" / "caption.py"), "--engine", "fake", "--input", str(shards)]
     p = subprocess.Popen(
@@ -76,10 +75,10 @@ def slope(samples: list[tuple[float, dict, int, float | None]], shards: int, per
     hi = next(s for s in samples if s[2] >= shards * 9 // 10)
     images = (hi[2] - lo[2]) * per_shard
     return {
-        "from": {"s": round(lo[0], 1), "shards": lo[2], **{f: round(lo[1][f]) for f in DRIVER}},
-        "to": {"s": round(hi[0], 1), "shards": hi[2], **{f: round(hi[1][f]) for f in DRIVER}},
-        "kb_per_image": {f: round((hi[1][f] - lo[1][f]) * 1024 / images, 3) for f in DRIVER},
-        "peak_mb": {f: round(max(s[1][f] for s in samples)) for f in DRIVER},
+        "from": {"s": round(lo[0], 1), "shards": lo[2], **{f: round(lo[1][f]) for f in PROC_FIELDS}},
+        "to": {"s": round(hi[0], 1), "shards": hi[2], **{f: round(hi[1][f]) for f in PROC_FIELDS}},
+        "kb_per_image": {f: round((hi[1][f] - lo[1][f]) * 1024 / images, 3) for f in PROC_FIELDS},
+        "peak_mb": {f: round(max(s[1][f] for s in samples)) for f in PROC_FIELDS},
         # the engine actor's private memory at 10 %, 50 % and 90 % of the shards: its recent-captions cache
         # (stages.RECENT_CAPTIONS) fills first, then it should stay level
         "actor_anon_mb": [None if s[3] is None else round(s[3]) for s in (lo, mid, hi)],
@@ -112,7 +111,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for name, r in res.items():
         for f, what in zip(
-            DRIVER, ("resident (VmRSS)", "private (RssAnon)", "object store pages (RssShmem)")
+            PROC_FIELDS, ("resident (VmRSS)", "private (RssAnon)", "object store pages (RssShmem)")
         ):
             print(
                 f"| {name} | {what} | {r['from'][f]} | {r['to'][f]} | {r['kb_per_image'][f]} | {r['peak_mb'][f]} |"
