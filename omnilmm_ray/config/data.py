@@ -102,6 +102,19 @@ class EngineConfig(_Strict):
     fake_delay_s: float = Field(
         0.0, ge=0, description="Fake engine only: sleep per batch to emulate GPU time."
     )
+    fake_decode_step_s: float = Field(
+        0.0,
+        ge=0,
+        description="Fake engine only (pipeline benchmarks): take time as lmdeploy's pipeline over a "
+        "continuous-batching engine does instead of per call: up to max_batch_size captions decode at once, "
+        "admitted first come first served across calls, one token each per step of this many seconds; a call "
+        "returns when its longest caption is done.",
+    )
+    fake_caption_tokens: tuple[int, int] = Field(
+        (32, 32),
+        description="Fake engine only, with fake_decode_step_s: each caption's length in tokens, drawn per "
+        "image (from its pixels) out of this inclusive range.",
+    )
     fake_crash_at_batch: int | None = Field(
         None,
         ge=1,

@@ -6,9 +6,12 @@ the same image the same caption); they say nothing about what a real model would
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
+import threading
 import time
+from collections import deque
 
 import numpy as np
 from PIL import Image
@@ -39,6 +42,55 @@ def bad_kind(digest: str) -> str:
     return list(BAD_CAPTIONS)[int(digest, 16) % len(BAD_CAPTIONS)]
 
 
+class Decoder:
+    """The time a continuous-batching engine behind lmdeploy 0.18's `pipeline` takes, without the model.
+
+    As `Pipeline._infer` does: every call's requests queue for one shared set of `slots` (its
+    `asyncio.Semaphore(max_batch_size)`), first come first served; a request holds its slot until its caption is
+    done; a call returns when its longest caption is done. Every `step_s` each caption in a slot gains one token.
+    So an engine actor whose calls hold exactly `slots` captions leaves the slots of a call's short captions empty
+    until its longest ends, as the real one would; prefill, and a step's cost growing with the batch, are left
+    out. The step loop is a thread of its own, so concurrent calls share it as they share the engine."""
+
+    def __init__(self, slots: int | None, step_s: float):
+        self.slots = slots or float("inf")
+        self.step_s = step_s
+        self.steps = 0  # steps taken with a caption in a slot
+        self.busy = 0  # sum over those steps of the slots in use
+        self._cv = threading.Condition()
+        self._waiting: deque[list] = deque()  # [tokens left, done]
+        self._active: list[list] = []
+        threading.Thread(target=self._loop, daemon=True, name="fake-decoder").start()
+
+    def decode(self, lengths: list[int]) -> None:
+        """Blocks until every caption of this call, one per length, is done."""
+        captions = [[n, threading.Event()] for n in lengths]
+        with self._cv:
+            self._waiting.extend(captions)
+            self._cv.notify()
+        for _, done in captions:
+            done.wait()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while len(self._active) < self.slots and self._waiting:
+                    self._active.append(self._waiting.popleft())
+                if not self._active:
+                    self._cv.wait()
+                    continue
+                active = self._active
+            time.sleep(self.step_s)
+            with self._cv:
+                self.steps, self.busy = self.steps + 1, self.busy + len(active)
+                for c in active:
+                    c[0] -= 1
+                self._active = [c for c in active if c[0] > 0]
+            for n, done in active:
+                if n <= 0:
+                    done.set()
+
+
 class FakeEngine:
     name = "fake"
 
@@ -54,6 +106,8 @@ class FakeEngine:
         self.bad_captions = cfg.fake_bad_captions
         self.blind = cfg.fake_blind
         self.max_sequences = cfg.max_batch_size  # None: no limit of its own
+        self.decoder = Decoder(cfg.max_batch_size, cfg.fake_decode_step_s) if cfg.fake_decode_step_s else None
+        self.caption_tokens = cfg.fake_caption_tokens
         self.serial_calls = False
         # The same image check as a real engine's (its drill: fake_blind); the other drills (crash, delay,
         # calls log) see the job's batches only.
@@ -115,4 +169,12 @@ class FakeEngine:
             if BAD_CAPTIONS[kind] is not None and (gen is None or kind == "refusal"):
                 text, finish = BAD_CAPTIONS[kind]
             out.append(Caption(text, len(prompt.split()) + 16, len(text.split()), finish))
+        if self.decoder and not self._probing:
+            lo, hi = self.caption_tokens
+            # each caption's length from its text (which names its image's digest), the same on every run
+            lengths = [
+                lo + int(hashlib.sha1(c.text.encode()).hexdigest()[:8], 16) % (hi - lo + 1) for c in out
+            ]
+            self.decoder.decode(lengths)
+            out = [dataclasses.replace(c, output_tokens=n) for c, n in zip(out, lengths)]
         return out
