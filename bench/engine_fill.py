@@ -6,7 +6,7 @@ does (`Pipeline._infer`): up to `--slots` captions decode at once, admitted firs
 actor's calls, each gaining a token per `--step` seconds, and a call returns when its longest caption is done.
 Captions of one fixed length, and of lengths spread over a range (as real captions are), each at the given
 `batch_size x concurrent_batches` cells. "lmdeploy alone" is the same Decoder given every caption of the job's
-output, their lengths as the job drew them, in one call in this process. The job's rate is from its first batch
+output, their lengths as the job drew them, in one call (its steps counted, times `--step`). The job's rate is from its first batch
 in to its last commit; the job's CPU side must outrun the engine (`--step` large enough) for the ratio to be the
 engine's fill. A model of the engine's admission, prefill left out: it says how the job feeds such an engine, not
 how fast any real engine is.
@@ -39,10 +39,11 @@ def lengths_of(out: Path) -> list[int]:
 
 
 def alone(lengths: list[int], slots: int, step: float) -> float:
-    d = Decoder(slots, step)
-    t0 = time.perf_counter()
+    """One call over every caption: the Decoder's steps for it, without sleeping, times `step` (what it would
+    sleep; the job's side also pays each step's few microseconds of overhead, so this leans to the one call)."""
+    d = Decoder(slots, 0)
     d.decode(lengths)
-    return len(lengths) / (time.perf_counter() - t0)
+    return len(lengths) / (d.steps * step)
 
 
 def main() -> None:
