@@ -26,6 +26,7 @@ def test_cli_wins_over_yaml(tmp_path):
         ({"engine": "vllm"}, "", "engine.backend"),
         ({}, "engine: {tpp: 2}\n", "engine.tpp"),
         ({}, "scale: {min_actors: 3, max_actors: 1}\n", "max_actors"),
+        ({}, "engine: {fake_caption_tokens: [48, 16]}\n", "engine.fake_caption_tokens"),
         ({"max_error_rate": 2.0}, "", "sink.max_error_rate"),
     ],
 )

@@ -144,6 +144,13 @@ class EngineConfig(_Strict):
         "generation settings all but refusals come back good.",
     )
 
+    @field_validator("fake_caption_tokens")
+    @classmethod
+    def _a_range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= v[0] <= v[1]:
+            raise ValueError("not a range of caption lengths: give [lo, hi] with 1 <= lo <= hi")
+        return v
+
     @field_validator("model", "cache_dir")
     @classmethod
     def _no_credentials(cls, v: str | None) -> str | None:
