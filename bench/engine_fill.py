@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -65,7 +66,7 @@ def main() -> None:
     res: dict = {
         "meta": {
             "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "command": " ".join(["python bench/engine_fill.py", *sys.argv[1:]]),
             "images": args.images,
             "slots": args.slots,
